@@ -1,0 +1,216 @@
+"""LLaVA-format data -> input_ids, labels, pixel_values; the collate; the toy data set.
+
+A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]};
+"image" is a path relative to the image folder and "<image>" marks where it goes in the first human turn.
+"""
+import json
+import os
+import random
+
+import torch
+from PIL import Image, ImageDraw
+
+IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
+
+
+class DataError(ValueError):
+    pass
+
+
+def image_seq_length(processor):
+    """Visual tokens per image: what LlavaProcessor expands <image> to (patches, + CLS, - 1 for "default")."""
+    h, w = processor.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"].shape[-2:]
+    n = (h // processor.patch_size) * (w // processor.patch_size) + processor.num_additional_image_tokens
+    return n - (processor.vision_feature_select_strategy == "default")
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """chat=False: the pretraining template  <image tokens> caption <eos>, labels on caption + eos.
+    chat=True: the tokenizer's chat template, labels on every assistant turn and its end-of-turn token.
+    Every sample is checked when the file is opened; a bad one raises DataError naming the file and id."""
+
+    def __init__(self, json_path, image_folder, processor, chat, max_length):
+        self.json_path, self.image_folder, self.chat, self.max_length = json_path, image_folder, chat, max_length
+        self.processor, self.tok = processor, processor.tokenizer
+        self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
+        self.n_image_tokens = image_seq_length(processor)
+        try:
+            with open(json_path) as f:
+                rows = json.load(f)
+            assert isinstance(rows, list)
+        except (OSError, ValueError, AssertionError) as e:
+            raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
+        self.rows, problems, self.moved = [], [], 0
+        for i, row in enumerate(rows):
+            try:
+                self.rows.append(self._check(row, i))
+            except DataError as e:
+                problems.append(str(e))
+        if problems:
+            raise DataError(f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
+                            + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+        if self.moved:
+            print(f"{json_path}: put <image> at the start of the first human turn in {self.moved} sample(s)")
+
+    def _check(self, row, i):
+        sid = row.get("id", f"#{i}") if isinstance(row, dict) else f"#{i}"
+        conv = row.get("conversations") if isinstance(row, dict) else None
+        if not conv:
+            raise DataError(f"sample {sid}: empty or missing 'conversations'")
+        if len(conv) % 2 or any(not isinstance(c, dict) or c.get("from") != ("human", "gpt")[j % 2]
+                                or not isinstance(c.get("value"), str) for j, c in enumerate(conv)):
+            raise DataError(f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt")
+        conv = [dict(c) for c in conv]
+        n_tags = sum(c["value"].count("<image>") for c in conv)
+        image = row.get("image")
+        if image is None:
+            if n_tags:
+                raise DataError(f"sample {sid}: <image> in the text of a sample with no 'image'")
+            return sid, None, conv
+        if not isinstance(image, str) or n_tags > 1:
+            raise DataError(f"sample {sid}: one image per sample is supported ('image' must be one path)")
+        path = os.path.join(self.image_folder, image)
+        if not os.path.isfile(path):
+            raise DataError(f"sample {sid}: image file {path} not found (is --images the folder the paths "
+                            f"in the JSON are relative to?)")
+        if not conv[0]["value"].startswith("<image>"):  # LLaVA: the image opens the first human turn
+            self.moved += 1
+            conv[0]["value"] = "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
+            for c in conv[1:]:
+                c["value"] = c["value"].replace("<image>", "")
+        return sid, path, conv
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _plain(self, conv, has_image):
+        caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        prompt = [self.image_token_id] if has_image else []
+        return prompt + caption, [IGNORE] * len(prompt) + caption
+
+    def _chat(self, conv):
+        msgs = [{"role": ("user", "assistant")[j % 2], "content": c["value"]} for j, c in enumerate(conv)]
+        render = lambda m, gen=False: self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+        text, spans = render(msgs), []
+        for j in range(1, len(msgs), 2):  # character span of each assistant answer and its end-of-turn token
+            start, upto = len(render(msgs[:j], gen=True)), render(msgs[:j + 1])
+            if not text.startswith(upto):
+                raise DataError("the chat template does not render a conversation's turns as prefixes of it")
+            spans.append((start, start + len(upto[start:].rstrip())))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [t if any(s <= a and b <= e for s, e in spans) else IGNORE
+                  for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return enc["input_ids"], labels
+
+    def __getitem__(self, i):
+        sid, image, conv = self.rows[i]
+        ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
+        pixel_values = None
+        if image is not None:  # one <image> token -> n_image_tokens of them, never cut by truncation
+            k, n = ids.index(self.image_token_id), self.n_image_tokens
+            if k + n >= self.max_length:
+                raise DataError(f"--max_length {self.max_length} leaves no room for text after the {n} image "
+                                f"tokens of sample {sid} in {self.json_path}: raise --max_length")
+            ids = ids[:k] + [self.image_token_id] * n + ids[k + 1:]
+            labels = labels[:k] + [IGNORE] * n + labels[k + 1:]
+            try:
+                with Image.open(image) as im:
+                    img = im.convert("RGB")
+            except OSError as e:
+                raise DataError(f"{self.json_path}: sample {sid}: cannot read image {image} ({e}); fix or remove "
+                                f"it, then continue with --resume") from e
+            pixel_values = self.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+        ids, labels = ids[:self.max_length], labels[:self.max_length]  # truncation cuts text from the end
+        return {"id": sid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values}
+
+
+def collate(rows, pad_token_id):
+    """Right padding; attention_mask marks real tokens (Qwen's pad id is also an end token, so padding is
+    known by the mask, never by id); pixel_values stacks the images of the rows that have one, in order."""
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": torch.full((B, T), pad_token_id), "labels": torch.full((B, T), IGNORE),
+           "attention_mask": torch.zeros(B, T, dtype=torch.long)}
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        out["input_ids"][b, :n], out["labels"][b, :n], out["attention_mask"][b, :n] = r["input_ids"], r["labels"], 1
+    images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
+    out["pixel_values"] = torch.stack(images) if images else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy data set: small images of two shapes, questions about colour, shape, size and position.
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (240, 220, 40),
+           "purple": (160, 60, 200), "white": (245, 245, 245)}
+SHAPES, SIZES = ("circle", "square", "triangle"), ("small", "big")
+PLACES = ("top left", "top right", "bottom left", "bottom right")
+
+
+def _toy_scene(rng):
+    a, b = rng.sample(SHAPES, 2), rng.sample(PLACES, 2)  # two different shapes in two different places
+    return [dict(shape=a[i], place=b[i], colour=rng.choice(list(COLOURS)), size=rng.choice(SIZES)) for i in (0, 1)]
+
+
+def _toy_image(scene, px):
+    img = Image.new("RGB", (px, px), (70, 70, 70))
+    d, q = ImageDraw.Draw(img), px // 2
+    for o in scene:
+        x0, y0 = q * ("right" in o["place"]), q * ("bottom" in o["place"])
+        m = q // 8 if o["size"] == "big" else q // 4
+        box, c = (x0 + m, y0 + m, x0 + q - m - 1, y0 + q - m - 1), COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            d.ellipse(box, fill=c)
+        elif o["shape"] == "square":
+            d.rectangle(box, fill=c)
+        else:
+            d.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=c)
+    return img
+
+
+def _toy_questions(scene):
+    qa = []
+    for o in scene:
+        qa += [(f"What colour is the {o['shape']}?", o["colour"]), (f"What shape is in the {o['place']}?", o["shape"]),
+               (f"Where is the {o['shape']}?", o["place"]), (f"Is the {o['shape']} small or big?", o["size"])]
+    return qa
+
+
+TEXT_ONLY = [("What is the opposite of top?", "bottom"), ("What is the opposite of left?", "right"),
+             ("How many sides does a square have?", "four"), ("How many sides does a triangle have?", "three"),
+             ("What colour is the sky on a clear day?", "blue"), ("What is the opposite of big?", "small")]
+
+
+def make_toy_data(out, seed=0, n_pretrain=2000, n_sft=3000, n_test=300, px=32):
+    """Writes out/images/*.png and out/{pretrain,sft,test}.json (LLaVA format); returns the texts seen,
+    for training a tokenizer."""
+    rng, texts = random.Random(seed), []
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    def sample(split, i):
+        scene, name = _toy_scene(rng), f"{split}_{i:05d}.png"
+        _toy_image(scene, px).save(os.path.join(out, "images", name))
+        return scene, name
+    rows = {"pretrain": [], "sft": [], "test": []}
+    for i in range(n_pretrain):
+        scene, name = sample("pretrain", i)
+        cap = " and ".join(f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}" for o in scene) + "."
+        rows["pretrain"].append({"id": f"pretrain_{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": cap}]})
+    for split, n in (("sft", n_sft), ("test", n_test)):
+        for i in range(n):
+            if split == "sft" and i % 50 == 49:  # a few text-only rows, as in the LLaVA-1.5 mix
+                q, a = rng.choice(TEXT_ONLY)
+                rows[split].append({"id": f"{split}_{i}", "conversations": [
+                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+                continue
+            scene, name = sample(split, i)
+            qa = rng.sample(_toy_questions(scene), rng.randint(1, 3) if split == "sft" else 1)
+            conv = []
+            for j, (q, a) in enumerate(qa):
+                conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+            rows[split].append({"id": f"{split}_{i}", "image": name, "conversations": conv})
+    for split, r in rows.items():
+        with open(os.path.join(out, f"{split}.json"), "w") as f:
+            json.dump(r, f, indent=1)
+        texts += [c["value"] for row in r for c in row["conversations"]]
+    return texts
