@@ -7,10 +7,21 @@ The three distillation losses of the paper, each one function with the equation 
 and distill_loss, which combines them as L_DPT / L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel.
 """
 import argparse
+import contextlib
+import functools
+import json
+import math
 import os
+import shutil
+import time
 
 import torch
+import torch.distributed as dist
 import transformers
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
 
 import data
 
@@ -62,26 +73,31 @@ class _RowKL(torch.autograd.Function):
         return grad, None, None
 
 
-def _mean_row_kl(student_logits, teacher_logits, row_mask):
-    """(1 / N) sum over the N rows where row_mask is True of KL(p_t || p_s); a finite 0 when N = 0."""
+def _mean_row_kl(student_logits, teacher_logits, row_mask, num_rows=None):
+    """(1 / N) sum over the rows where row_mask is True of KL(p_t || p_s); N = their number, or num_rows
+    when given (the count over a whole accumulated/distributed batch). A finite 0 when there are none."""
     rows = row_mask.reshape(-1).nonzero().squeeze(1)
-    return _RowKL.apply(student_logits, teacher_logits.detach(), rows) / max(rows.numel(), 1)
+    return _RowKL.apply(student_logits, teacher_logits.detach(), rows) / max(num_rows or rows.numel(), 1)
 
 
 # L_res = (1/M) sum_{m=1}^{M} KLD( phi_l(y_m | y_<m), phi_s(y_m | y_<m) )
 #   phi_l, phi_s: the teacher's and the student's next-token distributions; m runs over the M response
 #   tokens of the batch. The distribution for token m is read at position m-1: logits[:, :-1] predict
 #   labels[:, 1:]. Summed over the batch, divided once by M (paper: a sum; the mean keeps alpha scale-free).
-def response_loss(student_logits, teacher_logits, labels):
+def response_loss(student_logits, teacher_logits, labels, num_rows=None):
+    return _mean_row_kl(student_logits, teacher_logits, response_rows(labels), num_rows)
+
+
+def response_rows(labels):  # [B, T] bool: the rows of logits that predict a labelled token
     rows = torch.zeros_like(labels, dtype=torch.bool)
     rows[:, :-1] = labels[:, 1:] != -100
-    return _mean_row_kl(student_logits, teacher_logits, rows)
+    return rows
 
 
 # L_vis = (1/K) sum_{k=1}^{K} sum_{j=1}^{V} phi_l(Y_j | y_<k) log( phi_l(Y_j | y_<k) / phi_s(Y_j | y_<k) )
 #   k runs over the K visual tokens of the batch (visual_mask), j over the V vocabulary entries.
-def visual_loss(student_logits, teacher_logits, visual_mask):
-    return _mean_row_kl(student_logits, teacher_logits, visual_mask)
+def visual_loss(student_logits, teacher_logits, visual_mask, num_rows=None):
+    return _mean_row_kl(student_logits, teacher_logits, visual_mask, num_rows)
 
 
 def _gram(x, idx, dt):
@@ -136,23 +152,35 @@ class _Relation(torch.autograd.Function):
 # L_rel = 1 - Cos(R_v^s, R_v^t) = 1 - (R_v^s . R_v^t) / (||R_v^s|| ||R_v^t||),   R_v = y_v (x) y_v = Y Y^T
 #   Y: one sample's K visual rows of the features (logits or hidden states; each side keeps its own width,
 #   R is K x K either way). Averaged over the samples of the batch that have visual tokens.
-def relation_loss(student_feats, teacher_feats, visual_mask):
-    n = int(visual_mask.any(1).sum())
+def relation_loss(student_feats, teacher_feats, visual_mask, num_samples=None):
+    n = num_samples or int(visual_mask.any(1).sum())
     return _Relation.apply(student_feats, teacher_feats.detach(), visual_mask) / max(n, 1)
+
+
+# L_reg = -(1/M) sum_{m=1}^{M} log phi_s(y_m | y_<m): the student's own next-token loss on the M response
+#   tokens (the usual LLaVA loss; the only loss of pt and sft). Only the M selected rows are upcast.
+def next_token_loss(student_logits, labels, num_rows=None):
+    rows = response_rows(labels)
+    logits = student_logits[rows].float()
+    nll = torch.nn.functional.cross_entropy(logits, labels[:, 1:][rows[:, :-1]], reduction="sum")
+    return nll / max(num_rows or len(logits), 1)
 
 
 # L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel   (paper: alpha, beta, gamma = 1, 1, 0.5)
 # This returns the distillation part, alpha L_res + beta L_vis + gamma L_rel, and each term for logging;
 # L_reg, the student's own next-token loss, is added by the training loop. A zero weight skips its term.
-def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0, beta=1.0, gamma=0.5):
+# counts: optional (response rows, visual rows, samples with an image) of the whole step's batch, by which
+# the sums are divided instead of this batch's own counts (gradient accumulation, DDP).
+def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0, beta=1.0, gamma=0.5,
+                 counts=(None, None, None)):
     zero = student_logits.new_zeros((), dtype=torch.float32)
-    L_res = response_loss(student_logits, teacher_logits, labels) if alpha else zero
-    L_vis = visual_loss(student_logits, teacher_logits, visual_mask) if beta else zero
+    L_res = response_loss(student_logits, teacher_logits, labels, counts[0]) if alpha else zero
+    L_vis = visual_loss(student_logits, teacher_logits, visual_mask, counts[1]) if beta else zero
     L_rel = zero
     if gamma:
         v = min(student_logits.shape[-1], teacher_logits.shape[-1])  # L_rel on the shared vocabulary
         s = student_logits if student_logits.shape[-1] == v else student_logits[..., :v]
-        L_rel = relation_loss(s, teacher_logits[..., :v], visual_mask)
+        L_rel = relation_loss(s, teacher_logits[..., :v], visual_mask, counts[2])
     loss = alpha * L_res + beta * L_vis + gamma * L_rel
     return loss, {"L_res": L_res.detach(), "L_vis": L_vis.detach(), "L_rel": L_rel.detach()}
 
@@ -351,15 +379,246 @@ def make_toy(out, seed=0, **data_sizes):
     print(f"toy setup in {out}: vision/ teacher_llm/ student_llm/ data/{{pretrain,sft,test}}.json data/images/")
 
 
+# ------------------------------------------------------------------------------------------------
+# Training: one plain loop for all four stages (nanoGPT-style), single process or torchrun + DDP.
+class _Student(torch.nn.Module):
+    """What DDP wraps: the student from Z_v (computed once, shared with the teacher) to logits."""
+
+    def __init__(self, llava):
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, input_ids, attention_mask, z_v):
+        return llava_logits(self.llava, input_ids, attention_mask, z_v)
+
+
+def lr_at(step, total, peak, warmup_ratio=0.03):
+    """Linear warmup over the first 3% of the steps, then cosine decay to 0 (Table A9)."""
+    warmup = max(1, math.ceil(total * warmup_ratio))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(model, processor, state, out):
+    """out/checkpoint/: model + processor (stock from_pretrained loads it) + train_state.pt for --resume.
+    Written beside it and renamed into place, so a crash while saving leaves the previous one whole."""
+    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint_files(model, processor, tmp)
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(a):
+    stage = STAGES[a.stage]
+    # DDP, as nanoGPT: torchrun sets RANK; one process per device; gloo on CPU, NCCL on CUDA
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and not a.cpu
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    lr = a.lr or stage["lr"]
+    global_batch = a.global_batch_size or stage["global_batch"]
+    if global_batch % (a.batch_size * world):
+        raise SystemExit(f"--global_batch_size {global_batch} must be a multiple of --batch_size {a.batch_size} "
+                         f"x {world} processes")
+    accum = global_batch // (a.batch_size * world)  # micro-steps per optimizer step on each process
+    if stage["teacher"] != bool(a.teacher):
+        raise SystemExit(f"--stage {a.stage} " + ("needs --teacher DIR" if stage["teacher"] else "takes no --teacher"))
+    ckpt = os.path.join(a.out, "checkpoint")
+    if a.resume and not os.path.isfile(os.path.join(ckpt, "train_state.pt")):
+        raise SystemExit(f"--resume: no checkpoint in {ckpt} to continue from")
+    if not (a.resume or a.init or (a.vision and a.llm)):
+        raise SystemExit("give --init DIR (a previous stage's output) or --vision DIR --llm DIR (a new student)")
+
+    torch.manual_seed(a.seed)  # the same new projector on every process
+    model, processor = load_llava(ckpt if a.resume else a.init) if (a.resume or a.init) else build_student(a.vision, a.llm)
+    teacher = None
+    if stage["teacher"]:
+        teacher = load_teacher(a.teacher, model, processor, torch.bfloat16 if cuda else None).to(device)
+    apply_stage(model, a.stage)
+    model.to(device)
+    model.config.use_cache = False
+    if a.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # text-only micro-batches leave the projector unused: DDP must then look for unused parameters
+    student = DDP(_Student(model), device_ids=[device.index] if cuda else None,
+                  find_unused_parameters=stage["chat"]) if ddp else _Student(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    ds = data.LlavaDataset(a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length)
+    steps_per_epoch = len(ds) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{a.data}: {len(ds)} samples are fewer than one global batch ({global_batch})")
+    total = steps_per_epoch * a.epochs
+    end = min(total, a.max_steps or total)  # --max_steps stops early; the schedule stays that of `total`
+    step = 0
+    if a.resume:
+        state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
+        if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
+            raise SystemExit(f"--resume: {ckpt} was written with another data size, --global_batch_size or --seed")
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    image_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
+    coll = functools.partial(data.collate, pad_token_id=pad_id)
+
+    def micro_batches(step):
+        """This process's micro-batches from optimizer step `step` on; the order depends only on the seed and
+        the epoch (DistributedSampler), so a resumed run sees what an uninterrupted one would have."""
+        while True:
+            epoch, skip = divmod(step, steps_per_epoch)
+            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=a.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            order = list(sampler)[skip * accum * a.batch_size:][:(steps_per_epoch - skip) * accum * a.batch_size]
+            yield from torch.utils.data.DataLoader(ds, a.batch_size, sampler=order, collate_fn=coll,
+                                                   num_workers=a.workers)
+            step = (epoch + 1) * steps_per_epoch
+
+    log = None
+    if master:
+        os.makedirs(a.out, exist_ok=True)
+        log = open(os.path.join(a.out, "log.jsonl"), "a")
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {a.stage}: {len(ds)} samples, {total} steps of {global_batch} ({world} x {a.batch_size} x "
+              f"{accum}), lr {lr}, {n_train / 1e6:.2f}M trainable, teacher {a.teacher or '-'}")
+    batches = micro_batches(step)
+    bar = tqdm(range(step, end), initial=step, total=end, disable=not master, desc=a.stage)
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, lr)
+        micro = [next(batches) for _ in range(accum)]
+        # each loss is a mean over the whole global batch: sums divided by the step's counts over every
+        # micro-batch and process (not by each micro-batch's own), so N processes compute what 1 would
+        count = torch.tensor([[int(response_rows(b["labels"]).sum()), int((b["input_ids"] == image_id).sum()),
+                               int((b["input_ids"] == image_id).any(1).sum()), int(b["attention_mask"].sum())]
+                              for b in micro], dtype=torch.float64).sum(0).to(device)
+        if ddp:
+            dist.all_reduce(count)
+        n_res, n_vis, n_img = (max(float(c), 1.0) / world for c in count[:3])  # DDP averages over processes
+        logged = torch.zeros(5, dtype=torch.float64, device=device)  # loss, L_reg, L_res, L_vis, L_rel
+        for i, b in enumerate(micro):
+            b = {k: v.to(device) if v is not None else None for k, v in b.items()}
+            # only the last micro-step all-reduces the gradients; the others accumulate locally
+            sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else student.no_sync()
+            with sync, autocast:
+                with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
+                    z_v = vision_features(model, b["pixel_values"]) if b["pixel_values"] is not None else None
+                logits = student(b["input_ids"], b["attention_mask"], z_v)
+                L_reg = next_token_loss(logits, b["labels"], n_res)
+                loss, terms = L_reg, dict.fromkeys(("L_res", "L_vis", "L_rel"), torch.zeros(()))
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = llava_logits(teacher, b["input_ids"], b["attention_mask"], z_v)
+                    L_kd, terms = distill_loss(logits, t_logits, b["labels"], b["input_ids"] == image_id,
+                                               a.alpha, a.beta, a.gamma, counts=(n_res, n_vis, n_img))
+                    loss = L_reg + L_kd
+            loss.backward()
+            logged += torch.stack([loss.detach(), L_reg.detach(), *(terms[k].to(device) for k in terms)]).double()
+        if ddp:
+            dist.all_reduce(logged)
+        logged /= world
+        if not torch.isfinite(logged).all():  # every process sees the same numbers and stops together
+            raise SystemExit(f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
+                             f"saving, the last good checkpoint is in {ckpt}")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if master:
+            rec = dict(zip(("loss", "L_reg", "L_res", "L_vis", "L_rel"), logged.tolist()))
+            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0))
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
+            done = step + 1 == end
+            if done or (a.save_every and (step + 1) % a.save_every == 0):
+                state = dict(step=step + 1, total=total, global_batch=global_batch, seed=a.seed,
+                             optimizer=opt.state_dict(), args=vars(a))
+                save_checkpoint(model, processor, state, a.out)
+        if ddp:
+            dist.barrier()  # nobody runs ahead of a checkpoint being written
+    if master:
+        for name in os.listdir(ckpt):  # the stage's output: the model, loadable from --out itself
+            if name != "train_state.pt":
+                shutil.copy(os.path.join(ckpt, name), os.path.join(a.out, name))
+        print(f"stage {a.stage}: done at step {end}; model in {a.out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
+    """Exact-match accuracy of greedy answers to the first question of each sample (the toy test set)."""
+    model, processor = load_llava(model_dir)
+    model.eval()
+    ds = data.LlavaDataset(data_json, images, processor, chat=True, max_length=4096)
+    tok, correct = processor.tokenizer, 0
+    for i in range(0, len(ds), batch_size):
+        rows = [ds.rows[j] for j in range(i, min(i + batch_size, len(ds)))]
+        prompts = [[{"role": "user", "content": conv[0]["value"]}] for _, _, conv in rows]
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        images_ = [Image.open(path).convert("RGB") for _, path, _ in rows if path]
+        tok.padding_side = "left"  # generation continues every row from its last token
+        inputs = processor(text=texts, images=images_ or None, return_tensors="pt", padding=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(ans.strip().lower() == conv[1]["value"].strip().lower() for ans, (_, _, conv) in zip(answers, rows))
+    return correct / len(ds)
+
+
 def main(argv=None):
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("toy", help="write tiny checkpoints and a toy data set, offline")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="one stage: pt, dpt, sft or dft")
+    p.add_argument("--stage", required=True, choices=list(STAGES))
+    p.add_argument("--data", required=True, help="LLaVA JSON")
+    p.add_argument("--images", required=True, help="folder the JSON's image paths are relative to")
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", help="continue from this LLaVA checkpoint (the previous stage's --out)")
+    p.add_argument("--vision", help="a new student: SigLIP/CLIP checkpoint, or a LLaVA one's vision tower")
+    p.add_argument("--llm", help="a new student: Qwen2-style causal LM checkpoint")
+    p.add_argument("--teacher", help="LLaVA checkpoint of the teacher (dpt, dft)")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_res (0: off)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of L_vis (0: off)")
+    p.add_argument("--gamma", type=float, default=0.5, help="weight of L_rel (0: off)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: Table A9, by stage)")
+    p.add_argument("--global_batch_size", type=int, help="default: Table A9, by stage")
+    p.add_argument("--batch_size", type=int, default=4, help="per process")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument("--max_steps", type=int, help="stop after this many steps of the stage (resumed or not)")
+    p.add_argument("--save_every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    p = sub.add_parser("eval", help="exact-match accuracy on held-out questions")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--images", required=True)
     a = ap.parse_args(argv)
     if a.cmd == "toy":
         make_toy(a.out, a.seed)
+    elif a.cmd == "train":
+        train(a)
+    else:
+        print(f"exact match {evaluate(a.model, a.data, a.images):.4f} on {a.data} ({a.model})")
 
 
 if __name__ == "__main__":
