@@ -100,17 +100,31 @@ def visual_loss(student_logits, teacher_logits, visual_mask, num_rows=None):
     return _mean_row_kl(student_logits, teacher_logits, visual_mask, num_rows)
 
 
-def _gram(x, idx, dt):
-    """R = Y Y^T for Y = x[idx] ([K, D]), accumulated over blocks of columns: Y itself is never built."""
-    R = x.new_zeros(len(idx), len(idx), dtype=dt)
-    for c in range(0, x.shape[-1], max(1, CHUNK // max(len(idx), 1))):
-        y = x[idx, c:c + CHUNK // len(idx)].to(dt)
-        R.addmm_(y, y.T)
+def _gram(x, b, pos, dt):
+    """R = Y Y^T for each sample's Y = x[b_i, pos_i] ([n, K, D] -> [n, K, K]), accumulated over blocks of
+    columns, so that Y itself is never built."""
+    n, K = pos.shape
+    R = x.new_zeros(n, K, K, dtype=dt)
+    w = max(1, CHUNK // (n * K))
+    for c in range(0, x.shape[-1], w):
+        y = x[b[:, None], pos, c:c + w].to(dt)
+        R.baddbmm_(y, y.transpose(1, 2))
     return R
 
 
+def _visual_groups(visual_mask):
+    """Samples with visual tokens, grouped by their number K: (sample ids [n], positions [n, K]) per group."""
+    by_k = {}
+    for b, k in enumerate(visual_mask.sum(1).tolist()):
+        if k:  # a text-only sample has no visual tokens and no relation
+            by_k.setdefault(k, []).append(b)
+    for k, bs in by_k.items():
+        b = torch.tensor(bs, device=visual_mask.device)
+        yield b, visual_mask[b].nonzero()[:, 1].view(len(bs), k)
+
+
 class _Relation(torch.autograd.Function):
-    """sum over samples b with visual tokens of 1 - cos(vec R_s,b, vec R_t,b), R = Y Y^T of the visual rows.
+    """sum over samples with visual tokens of 1 - cos(vec R_s, vec R_t), R = Y Y^T of their visual rows.
 
     backward: with G = d(1 - cos)/dR_s,  dL/dY_s = (G + G^T) Y_s, again block by block over the columns.
     """
@@ -118,34 +132,29 @@ class _Relation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, visual_mask):
         dt = _math_dtype(s, t)
-        total, G = torch.zeros((), dtype=dt, device=s.device), []
-        for b, k in enumerate(visual_mask.sum(1).tolist()):
-            if k == 0:  # text-only sample: no visual tokens, no relation
-                G.append(None)
-                continue
-            idx = visual_mask[b].nonzero().squeeze(1)
-            R_s, R_t = _gram(s[b], idx, dt), _gram(t[b], idx, dt)
-            # the three K*K-term sums in float64: 1 - cos is small, and fp32 sums lose its leading digits
-            ss, tt, st = (torch.sum(a * b, dtype=torch.float64) for a, b in ((R_s, R_s), (R_t, R_t), (R_s, R_t)))
+        total, ctx.groups = torch.zeros((), dtype=dt, device=s.device), []
+        for b, pos in _visual_groups(visual_mask):
+            R_s, R_t = _gram(s, b, pos, dt), _gram(t, b, pos, dt)
+            # the K*K-term sums in float64: 1 - cos is small, and fp32 sums lose its leading digits
+            ss, tt, st = (torch.sum(x * y, (1, 2), dtype=torch.float64) for x, y in ((R_s, R_s), (R_t, R_t), (R_s, R_t)))
             norm = (ss * tt).sqrt().clamp_min(1e-16)  # |R_s| |R_t|, clamped as F.cosine_similarity does
             cos = st / norm
-            total += (1 - cos).to(dt)
-            G.append(-(R_t / norm - cos * R_s / ss.clamp_min(1e-16)).to(dt))  # d(1 - cos) / dR_s
-        ctx.save_for_backward(s, visual_mask)
-        ctx.G = G
+            total += (1 - cos).sum().to(dt)
+            norm, cos, ss = norm[:, None, None], cos[:, None, None], ss[:, None, None]
+            G = -(R_t / norm - cos * R_s / ss.clamp_min(1e-16)).to(dt)  # d(1 - cos) / dR_s, per sample
+            ctx.groups.append((b, pos, G + G.transpose(1, 2)))
+        ctx.save_for_backward(s)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        s, visual_mask = ctx.saved_tensors
+        (s,) = ctx.saved_tensors
         grad = torch.zeros_like(s)
-        for b, G in enumerate(ctx.G):
-            if G is None:
-                continue
-            idx, G = visual_mask[b].nonzero().squeeze(1), (G + G.T) * g
-            w = max(1, CHUNK // len(idx))
+        for b, pos, G2 in ctx.groups:
+            w = max(1, CHUNK // pos.numel())
             for c in range(0, s.shape[-1], w):
-                grad[b, idx, c:c + w] = (G @ s[b, idx, c:c + w].to(G.dtype)).to(grad.dtype)
+                y = s[b[:, None], pos, c:c + w].to(G2.dtype)
+                grad[b[:, None], pos, c:c + w] = (torch.bmm(G2, y) * g).to(grad.dtype)
         return grad, None, None
 
 
@@ -392,6 +401,22 @@ class _Student(torch.nn.Module):
         return llava_logits(self.llava, input_ids, attention_mask, z_v)
 
 
+def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5), counts=(None, None, None)):
+    """One micro-batch's loss: L_reg in pt/sft; L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel
+    with a teacher (dpt/dft). student runs the student (_Student, or DDP around it); model is its LLaVA."""
+    with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
+        z_v = vision_features(model, b["pixel_values"]) if b["pixel_values"] is not None else None
+    logits = student(b["input_ids"], b["attention_mask"], z_v)
+    L_reg = next_token_loss(logits, b["labels"], counts[0])
+    if teacher is None:
+        return L_reg, {"L_reg": L_reg.detach()}
+    with torch.no_grad():
+        t_logits = llava_logits(teacher, b["input_ids"], b["attention_mask"], z_v)
+    visual_mask = b["input_ids"] == model.config.image_token_id
+    L_kd, terms = distill_loss(logits, t_logits, b["labels"], visual_mask, *weights, counts=counts)
+    return L_reg + L_kd, {"L_reg": L_reg.detach(), **terms}
+
+
 def lr_at(step, total, peak, warmup_ratio=0.03):
     """Linear warmup over the first 3% of the steps, then cosine decay to 0 (Table A9)."""
     warmup = max(1, math.ceil(total * warmup_ratio))
@@ -512,19 +537,10 @@ def train(a):
             # only the last micro-step all-reduces the gradients; the others accumulate locally
             sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else student.no_sync()
             with sync, autocast:
-                with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
-                    z_v = vision_features(model, b["pixel_values"]) if b["pixel_values"] is not None else None
-                logits = student(b["input_ids"], b["attention_mask"], z_v)
-                L_reg = next_token_loss(logits, b["labels"], n_res)
-                loss, terms = L_reg, dict.fromkeys(("L_res", "L_vis", "L_rel"), torch.zeros(()))
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = llava_logits(teacher, b["input_ids"], b["attention_mask"], z_v)
-                    L_kd, terms = distill_loss(logits, t_logits, b["labels"], b["input_ids"] == image_id,
-                                               a.alpha, a.beta, a.gamma, counts=(n_res, n_vis, n_img))
-                    loss = L_reg + L_kd
+                loss, terms = stage_loss(student, model, teacher, b, (a.alpha, a.beta, a.gamma), (n_res, n_vis, n_img))
             loss.backward()
-            logged += torch.stack([loss.detach(), L_reg.detach(), *(terms[k].to(device) for k in terms)]).double()
+            logged += torch.stack([loss.detach()] + [terms.get(k, torch.zeros(())).to(device)
+                                                     for k in ("L_reg", "L_res", "L_vis", "L_rel")]).double()
         if ddp:
             dist.all_reduce(logged)
         logged /= world
@@ -576,6 +592,22 @@ def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
     return correct / len(ds)
 
 
+def table(results, out, seconds=None):
+    """One row per training scheme: mean and standard deviation of the accuracy over seeds."""
+    rows = {}
+    for line in open(results):
+        r = json.loads(line)
+        rows.setdefault(r["row"], []).append(100 * r["accuracy"])
+    lines = ["| model (held-out toy test set) | exact match % | seeds |", "| --- | --- | --- |"]
+    for name, xs in rows.items():
+        sd = (sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+        lines.append(f"| {name} | {sum(xs) / len(xs):.1f} ± {sd:.1f} | {len(xs)} |")
+    text = "\n".join(lines) + (f"\n\nwall time {seconds // 60} min {seconds % 60} s" if seconds is not None else "")
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -612,13 +644,26 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--images", required=True)
+    p.add_argument("--results", help="append {row, seed, accuracy} to this JSON-lines file")
+    p.add_argument("--row", help="the row name in the table")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("table", help="mean and spread over seeds of the eval results")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True, help="the table as Markdown")
+    p.add_argument("--seconds", type=int, help="wall time of the run, printed under the table")
     a = ap.parse_args(argv)
     if a.cmd == "toy":
         make_toy(a.out, a.seed)
     elif a.cmd == "train":
         train(a)
+    elif a.cmd == "eval":
+        acc = evaluate(a.model, a.data, a.images)
+        print(f"exact match {acc:.4f} on {a.data} ({a.model})")
+        if a.results:
+            with open(a.results, "a") as f:
+                f.write(json.dumps({"row": a.row or a.model, "seed": a.seed, "accuracy": acc}) + "\n")
     else:
-        print(f"exact match {evaluate(a.model, a.data, a.images):.4f} on {a.data} ({a.model})")
+        print(table(a.results, a.out, a.seconds))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# LLaVA-KD recipe: every stage in order through torchrun (paper Sec. 3: DPT -> SFT -> DFT).
+#
+#   bash train.sh                      # the toy recipe: offline, CPU, prints the table of the README
+#   VISION=... TEACHER_LLM=... STUDENT_LLM=... PT_DATA=... PT_IMAGES=... SFT_DATA=... SFT_IMAGES=... bash train.sh
+#
+# Settings (environment variables). With none of them set, the toy recipe runs.
+#   VISION        SigLIP checkpoint dir, e.g. google/siglip-so400m-patch14-384 (or a LLaVA dir: its tower)
+#   TEACHER_LLM   teacher LLM dir, e.g. Qwen/Qwen1.5-4B: trained PT -> SFT here first, unless TEACHER is set
+#   TEACHER       a trained LLaVA teacher in HF format: the teacher's own training is skipped
+#   STUDENT_LLM   student LLM dir, e.g. Qwen/Qwen1.5-0.5B
+#   PT_DATA       LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json);   PT_IMAGES  its image folder
+#   SFT_DATA      LLaVA-1.5 mix JSON (llava_v1_5_mix665k.json);         SFT_IMAGES its image root
+#   OUT           where every stage writes its checkpoint (default runs/real, toy: runs/toy)
+#   NGPU          processes (default: every GPU, or 1 on a CPU machine)
+#   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
+#   EXTRA         more flags for every stage, e.g. "--grad_checkpointing --max_length 2048"
+#   SEEDS         toy recipe only: student seeds (default "0 1 2")
+set -euo pipefail
+cd "$(dirname "$0")"
+NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+RUN="torchrun --standalone --nproc_per_node=$NGPU llava_kd.py train"
+EXTRA=${EXTRA:-}
+
+if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
+  # ---- the real recipe (Table A9 defaults: lr, global batch, one epoch, AdamW, cosine, 3% warmup) ----
+  : "${VISION:?set VISION}" "${STUDENT_LLM:?set STUDENT_LLM}" "${PT_DATA:?set PT_DATA}" "${PT_IMAGES:?set PT_IMAGES}"
+  : "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
+  OUT=${OUT:-runs/real}; B="--batch_size ${BATCH:-8} $EXTRA"
+  PT="--data $PT_DATA --images $PT_IMAGES $B"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B"
+  if [ -z "${TEACHER:-}" ]; then  # the teacher: PT -> SFT, as LLaVA-1.5 / TinyLLaVA train it
+    : "${TEACHER_LLM:?set TEACHER_LLM or TEACHER}"
+    $RUN --stage pt  $PT  --vision "$VISION" --llm "$TEACHER_LLM" --out "$OUT/teacher-pt"
+    $RUN --stage sft $SFT --init "$OUT/teacher-pt" --out "$OUT/teacher"
+    TEACHER=$OUT/teacher
+  fi
+  $RUN --stage dpt $PT  --vision "$VISION" --llm "$STUDENT_LLM" --teacher "$TEACHER" --out "$OUT/student-dpt"
+  $RUN --stage sft $SFT --init "$OUT/student-dpt" --out "$OUT/student-dpt-sft"
+  $RUN --stage dft $SFT --init "$OUT/student-dpt-sft" --teacher "$TEACHER" --out "$OUT/student-llava-kd"
+  echo "LLaVA-KD student: $OUT/student-llava-kd (LlavaForConditionalGeneration.from_pretrained loads it)"
+  exit 0
+fi
+
+# ---- the toy recipe: tiny models and a synthetic image-QA set written here, offline, on a CPU ----
+OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
+TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-4}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-6}; TOY_STEPS=${TOY_STEPS:-}  # TOY_STEPS: CI
+STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}
+COMMON="--images $T/data/images --batch_size 16 --global_batch_size 32 --max_length 192 --workers 0 $STEP $EXTRA"
+PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS $COMMON"
+SFT="--data $T/data/sft.json --lr 2e-3 --epochs $TOY_SFT_EPOCHS $COMMON"
+START=$(date +%s)
+rm -rf "$OUT"; mkdir -p "$OUT"
+python llava_kd.py toy --out "$T"
+$RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
+$RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft
+EVAL="python llava_kd.py eval --data $T/data/test.json --images $T/data/images --results $OUT/results.jsonl"
+$EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT"
+for s in $SEEDS; do
+  S=$OUT/seed$s; K="--teacher $OUT/teacher-pt-sft"
+  $RUN --stage pt  $PT  --seed $s --vision $T/vision --llm $T/student_llm --out $S/pt
+  $RUN --stage sft $SFT --seed $s --init $S/pt --out $S/pt-sft
+  $RUN --stage dft $SFT --seed $s --init $S/pt-sft $K --out $S/pt-sft-dft
+  $RUN --stage sft $SFT --seed $s --init $S/pt-sft --out $S/pt-sft-sft
+  $RUN --stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
+  $RUN --stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
+  $RUN --stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
+  for r in pt-sft:PT-SFT dpt-sft:DPT-SFT pt-sft-dft:PT-SFT-DFT dpt-sft-dft:"DPT-SFT-DFT (LLaVA-KD)" \
+           pt-sft-sft:"PT-SFT-SFT (no teacher)"; do
+    $EVAL --model $S/${r%%:*} --row "student ${r#*:}" --seed $s
+  done
+done
+python llava_kd.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
