@@ -181,7 +181,7 @@ TEXT_ONLY = [("What is the opposite of top?", "bottom"), ("What is the opposite 
              ("What colour is the sky on a clear day?", "blue"), ("What is the opposite of big?", "small")]
 
 
-def make_toy_data(out, seed=0, n_pretrain=2000, n_sft=3000, n_test=300, px=32):
+def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=2500, n_test=300, px=32):
     """Writes out/images/*.png and out/{pretrain,sft,test}.json (LLaVA format); returns the texts seen,
     for training a tokenizer."""
     rng, texts = random.Random(seed), []

@@ -1,10 +1,13 @@
 """LLaVA-KD (ICCV 2025, arXiv 2410.16236), minimal and exact.
 
-The three distillation losses of the paper, each one function with the equation above it:
-    L_res  response_loss   KL(teacher || student) on the rows that predict response tokens  (MDist)
-    L_vis  visual_loss     the same KL on the visual-token rows                             (MDist)
-    L_rel  relation_loss   1 - cos between the visual tokens' self-correlation matrices     (RDist)
-and distill_loss, which combines them as L_DPT / L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel.
+    python llava_kd.py toy --out runs/toy/setup                          # tiny checkpoints + data, offline
+    python llava_kd.py train --stage dpt --data JSON --images DIR --vision DIR --llm DIR --teacher DIR --out DIR
+    torchrun --standalone --nproc_per_node=8 llava_kd.py train --stage dft ... --init DIR --teacher DIR
+    python llava_kd.py eval --model DIR --data JSON --images DIR
+    bash train.sh                                                        # the whole recipe (README)
+
+Sections, top to bottom: the losses (paper Sec. 3: MDist = L_res + L_vis, RDist = L_rel, and their sum
+L_DPT / L_DFT), the model wrapper and the stage table (Table A9), the toy setup, the training loop.
 """
 import argparse
 import contextlib
@@ -361,7 +364,7 @@ def toy_tokenizer(texts):
 
 
 TOY_LLMS = {  # teacher clearly larger than student; vocabulary sizes padded differently, as in real pairs
-    "teacher_llm": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, pad=64),
+    "teacher_llm": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, pad=64),
     "student_llm": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, pad=16),
 }
 
@@ -370,7 +373,7 @@ def make_toy(out, seed=0, **data_sizes):
     texts = data.make_toy_data(os.path.join(out, "data"), seed, **data_sizes)
     tok = toy_tokenizer(texts)
     torch.manual_seed(seed)
-    vcfg = transformers.SiglipVisionConfig(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128,
+    vcfg = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                                            num_hidden_layers=2, num_attention_heads=4)
     transformers.SiglipVisionModel(vcfg).save_pretrained(os.path.join(out, "vision"))
     transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(os.path.join(out, "vision"))
@@ -641,11 +644,11 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p = sub.add_parser("eval", help="exact-match accuracy on held-out questions")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+", help="one or more checkpoint dirs")
     p.add_argument("--data", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--results", help="append {row, seed, accuracy} to this JSON-lines file")
-    p.add_argument("--row", help="the row name in the table")
+    p.add_argument("--row", nargs="+", help="the table row name of each --model")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("table", help="mean and spread over seeds of the eval results")
     p.add_argument("--results", required=True)
@@ -657,11 +660,12 @@ def main(argv=None):
     elif a.cmd == "train":
         train(a)
     elif a.cmd == "eval":
-        acc = evaluate(a.model, a.data, a.images)
-        print(f"exact match {acc:.4f} on {a.data} ({a.model})")
-        if a.results:
-            with open(a.results, "a") as f:
-                f.write(json.dumps({"row": a.row or a.model, "seed": a.seed, "accuracy": acc}) + "\n")
+        for model, row in zip(a.model, a.row or a.model):
+            acc = evaluate(model, a.data, a.images)
+            print(f"exact match {acc:.4f} on {a.data} ({model})")
+            if a.results:
+                with open(a.results, "a") as f:
+                    f.write(json.dumps({"row": row, "seed": a.seed, "accuracy": acc}) + "\n")
     else:
         print(table(a.results, a.out, a.seconds))
 

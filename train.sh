@@ -43,7 +43,7 @@ fi
 
 # ---- the toy recipe: tiny models and a synthetic image-QA set written here, offline, on a CPU ----
 OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
-TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-4}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-6}; TOY_STEPS=${TOY_STEPS:-}  # TOY_STEPS: CI
+TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-3}; TOY_STEPS=${TOY_STEPS:-}  # TOY_STEPS: CI
 STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}
 COMMON="--images $T/data/images --batch_size 16 --global_batch_size 32 --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS $COMMON"
@@ -52,7 +52,7 @@ START=$(date +%s)
 rm -rf "$OUT"; mkdir -p "$OUT"
 python llava_kd.py toy --out "$T"
 $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
-$RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft
+$RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --epochs 4
 EVAL="python llava_kd.py eval --data $T/data/test.json --images $T/data/images --results $OUT/results.jsonl"
 $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT"
 for s in $SEEDS; do
@@ -64,9 +64,7 @@ for s in $SEEDS; do
   $RUN --stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
   $RUN --stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
   $RUN --stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
-  for r in pt-sft:PT-SFT dpt-sft:DPT-SFT pt-sft-dft:PT-SFT-DFT dpt-sft-dft:"DPT-SFT-DFT (LLaVA-KD)" \
-           pt-sft-sft:"PT-SFT-SFT (no teacher)"; do
-    $EVAL --model $S/${r%%:*} --row "student ${r#*:}" --seed $s
-  done
+  $EVAL --seed $s --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft --row "student PT-SFT" \
+    "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" "student PT-SFT-SFT (no teacher)"
 done
 python llava_kd.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
