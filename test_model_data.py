@@ -60,7 +60,8 @@ def test_build_student_loads_pretrained_parts_and_new_projector(toy):
     c = model.config
     assert (c.vision_feature_select_strategy, c.vision_feature_layer, c.projector_hidden_act) == ("full", -2, "gelu")
     assert c.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>")
-    assert c.image_seq_length == data.image_seq_length(proc) == (32 // 4) ** 2  # no CLS dropped
+    v = c.vision_config
+    assert c.image_seq_length == data.image_seq_length(proc) == (v.image_size // v.patch_size) ** 2  # no CLS dropped
 
 
 def test_loading_fails_loudly_on_missing_or_mis_shaped_weights(toy, tmp_path):
