@@ -472,6 +472,7 @@ def train(a):
     teacher = None
     if stage["teacher"]:
         teacher = load_teacher(a.teacher, model, processor, torch.bfloat16 if cuda else None).to(device)
+        model.model.vision_tower.float()  # the shared tower stays in the student's dtype, as it is saved with it
     apply_stage(model, a.stage)
     model.to(device)
     model.config.use_cache = False
@@ -515,7 +516,7 @@ def train(a):
     log = None
     if master:
         os.makedirs(a.out, exist_ok=True)
-        log = open(os.path.join(a.out, "log.jsonl"), "a")
+        log = open(os.path.join(a.out, "log.jsonl"), "a" if a.resume else "w")
         n_train = sum(p.numel() for p in params)
         print(f"stage {a.stage}: {len(ds)} samples, {total} steps of {global_batch} ({world} x {a.batch_size} x "
               f"{accum}), lr {lr}, {n_train / 1e6:.2f}M trainable, teacher {a.teacher or '-'}")
