@@ -554,18 +554,18 @@ def train(a):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if master:
             rec = dict(zip(("loss", "L_reg", "L_res", "L_vis", "L_rel"), logged.tolist()))
             rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0))
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
-            done = step + 1 == end
-            if done or (a.save_every and (step + 1) % a.save_every == 0):
+            if save:
                 state = dict(step=step + 1, total=total, global_batch=global_batch, seed=a.seed,
                              optimizer=opt.state_dict(), args=vars(a))
                 save_checkpoint(model, processor, state, a.out)
-        if ddp:
+        if ddp and save:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
     if master:
         for name in os.listdir(ckpt):  # the stage's output: the model, loadable from --out itself
