@@ -15,6 +15,7 @@ import torch
 
 import data
 import llava_kd
+import toy as toy_setup
 
 
 def main():
@@ -25,7 +26,7 @@ def main():
     a = ap.parse_args()
     toy = a.toy or tempfile.mkdtemp()
     if not a.toy:
-        llava_kd.make_toy(toy)
+        toy_setup.make_toy(toy)
     torch.manual_seed(0)
     teacher, t_proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
     teacher.eval().requires_grad_(False)

@@ -11,7 +11,7 @@ transformers.utils.logging.disable_progress_bar()
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """The toy setup, small: tiny checkpoints and a few samples, written once per test session."""
-    import llava_kd
+    import toy as setup
     out = str(tmp_path_factory.mktemp("toy"))
-    llava_kd.make_toy(out, seed=0, n_pretrain=64, n_sft=100, n_test=16)
+    setup.make_toy(out, seed=0, n_pretrain=64, n_sft=100, n_test=16)
     return out

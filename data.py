@@ -1,14 +1,13 @@
-"""LLaVA-format data -> input_ids, labels, pixel_values; the collate; the toy data set.
+"""LLaVA-format data -> input_ids, labels, pixel_values; the collate.
 
 A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]};
 "image" is a path relative to the image folder and "<image>" marks where it goes in the first human turn.
 """
 import json
 import os
-import random
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
 
@@ -34,6 +33,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
         self.n_image_tokens = image_seq_length(processor)
+        self.template = processor.chat_template or self.tok.chat_template  # what the saved processor renders
+        if chat and not self.template:
+            raise DataError(f"{json_path}: sft/dft render conversations with the model's chat template, and its "
+                            f"processor and tokenizer have none")
         try:
             with open(json_path) as f:
                 rows = json.load(f)
@@ -90,7 +93,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _chat(self, conv):
         msgs = [{"role": ("user", "assistant")[j % 2], "content": c["value"]} for j, c in enumerate(conv)]
-        render = lambda m, gen=False: self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+        render = lambda m, gen=False: self.tok.apply_chat_template(m, chat_template=self.template, tokenize=False,
+                                                                  add_generation_prompt=gen)
         text, spans = render(msgs), []
         for j in range(1, len(msgs), 2):  # character span of each assistant answer and its end-of-turn token
             start, upto = len(render(msgs[:j], gen=True)), render(msgs[:j + 1])
@@ -137,80 +141,3 @@ def collate(rows, pad_token_id):
     images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
     out["pixel_values"] = torch.stack(images) if images else None
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The toy data set: small images of two shapes, questions about colour, shape, size and position.
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240), "yellow": (240, 220, 40),
-           "purple": (160, 60, 200), "white": (245, 245, 245)}
-SHAPES, SIZES = ("circle", "square", "triangle"), ("small", "big")
-PLACES = ("top left", "top right", "bottom left", "bottom right")
-
-
-def _toy_scene(rng):
-    a, b = rng.sample(SHAPES, 2), rng.sample(PLACES, 2)  # two different shapes in two different places
-    return [dict(shape=a[i], place=b[i], colour=rng.choice(list(COLOURS)), size=rng.choice(SIZES)) for i in (0, 1)]
-
-
-def _toy_image(scene, px):
-    img = Image.new("RGB", (px, px), (70, 70, 70))
-    d, q = ImageDraw.Draw(img), px // 2
-    for o in scene:
-        x0, y0 = q * ("right" in o["place"]), q * ("bottom" in o["place"])
-        m = q // 8 if o["size"] == "big" else q // 4
-        box, c = (x0 + m, y0 + m, x0 + q - m - 1, y0 + q - m - 1), COLOURS[o["colour"]]
-        if o["shape"] == "circle":
-            d.ellipse(box, fill=c)
-        elif o["shape"] == "square":
-            d.rectangle(box, fill=c)
-        else:
-            d.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=c)
-    return img
-
-
-def _toy_questions(scene):
-    qa = []
-    for o in scene:
-        qa += [(f"What colour is the {o['shape']}?", o["colour"]), (f"What shape is in the {o['place']}?", o["shape"]),
-               (f"Where is the {o['shape']}?", o["place"]), (f"Is the {o['shape']} small or big?", o["size"])]
-    return qa
-
-
-TEXT_ONLY = [("What is the opposite of top?", "bottom"), ("What is the opposite of left?", "right"),
-             ("How many sides does a square have?", "four"), ("How many sides does a triangle have?", "three"),
-             ("What colour is the sky on a clear day?", "blue"), ("What is the opposite of big?", "small")]
-
-
-def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=2500, n_test=300, px=32):
-    """Writes out/images/*.png and out/{pretrain,sft,test}.json (LLaVA format); returns the texts seen,
-    for training a tokenizer."""
-    rng, texts = random.Random(seed), []
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    def sample(split, i):
-        scene, name = _toy_scene(rng), f"{split}_{i:05d}.png"
-        _toy_image(scene, px).save(os.path.join(out, "images", name))
-        return scene, name
-    rows = {"pretrain": [], "sft": [], "test": []}
-    for i in range(n_pretrain):
-        scene, name = sample("pretrain", i)
-        cap = " and ".join(f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}" for o in scene) + "."
-        rows["pretrain"].append({"id": f"pretrain_{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": cap}]})
-    for split, n in (("sft", n_sft), ("test", n_test)):
-        for i in range(n):
-            if split == "sft" and i % 50 == 49:  # a few text-only rows, as in the LLaVA-1.5 mix
-                q, a = rng.choice(TEXT_ONLY)
-                rows[split].append({"id": f"{split}_{i}", "conversations": [
-                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
-                continue
-            scene, name = sample(split, i)
-            qa = rng.sample(_toy_questions(scene), rng.randint(1, 3) if split == "sft" else 1)
-            conv = []
-            for j, (q, a) in enumerate(qa):
-                conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
-            rows[split].append({"id": f"{split}_{i}", "image": name, "conversations": conv})
-    for split, r in rows.items():
-        with open(os.path.join(out, f"{split}.json"), "w") as f:
-            json.dump(r, f, indent=1)
-        texts += [c["value"] for row in r for c in row["conversations"]]
-    return texts

@@ -1,13 +1,11 @@
 """LLaVA-KD (ICCV 2025, arXiv 2410.16236), minimal and exact.
 
-    python llava_kd.py toy --out runs/toy/setup                          # tiny checkpoints + data, offline
     python llava_kd.py train --stage dpt --data JSON --images DIR --vision DIR --llm DIR --teacher DIR --out DIR
     torchrun --standalone --nproc_per_node=8 llava_kd.py train --stage dft ... --init DIR --teacher DIR
-    python llava_kd.py eval --model DIR --data JSON --images DIR
     bash train.sh                                                        # the whole recipe (README)
 
 Sections, top to bottom: the losses (paper Sec. 3: MDist = L_res + L_vis, RDist = L_rel, and their sum
-L_DPT / L_DFT), the model wrapper and the stage table (Table A9), the toy setup, the training loop.
+L_DPT / L_DFT), the model wrapper and the stage table (Table A9), the training loop. The toy lives in toy.py.
 """
 import argparse
 import contextlib
@@ -21,7 +19,6 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -228,14 +225,33 @@ def _checked(loaded, path):
     return model
 
 
+def _tower_from_llava(path, cfg):
+    """The vision tower of a LLaVA checkpoint, reading only its tensors (a 7B teacher's LLM stays on disk)."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    tower = transformers.AutoModel.from_config(cfg.vision_config)
+    state = {}
+    for name in files:  # saved as "vision_tower.*" (transformers' older names, still written) or "model.vision_tower.*"
+        with safe_open(os.path.join(path, name), "pt") as f:
+            for k in f.keys():
+                for prefix in ("vision_tower.", "model.vision_tower."):
+                    if k.startswith(prefix):
+                        state[k[len(prefix):]] = f.get_tensor(k)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: the vision tower's weights did not load: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return tower
+
+
 def load_vision(path):
     """A SigLIP (or CLIP) checkpoint directory, or the vision tower of a LLaVA one -> (tower, image processor,
     vision_feature_layer, vision_feature_select_strategy, extra tokens such as CLS)."""
     cfg = transformers.AutoConfig.from_pretrained(path)
     if cfg.model_type == "llava":
-        llava = _checked(transformers.LlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True), path)
         proc = transformers.AutoProcessor.from_pretrained(path)
-        return (llava.model.vision_tower, proc.image_processor, cfg.vision_feature_layer,
+        return (_tower_from_llava(path, cfg), proc.image_processor, cfg.vision_feature_layer,
                 cfg.vision_feature_select_strategy, proc.num_additional_image_tokens)
     cls = {"siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel,
            "clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel}.get(cfg.model_type)
@@ -245,6 +261,77 @@ def load_vision(path):
     clip = cls is transformers.CLIPVisionModel  # CLIP has a CLS token, which LLaVA-1.5 drops ("default")
     # SigLIP has no CLS: "full" keeps all 27 x 27 = 729 patch tokens at 384px (the public code drops one)
     return tower, transformers.AutoImageProcessor.from_pretrained(path), -2, ("default" if clip else "full"), int(clip)
+
+
+# Chat templates. Clients pass a turn's content as a string ("<image>\nWhat is it?": lmms-eval's llava_hf) or
+# typed ([{"type": "image"}, {"type": "text", "text": ...}]: transformers' pipeline, VLMEvalKit); LLM tokenizers'
+# templates take only strings, llava-hf's only typed content. Every template saved here takes both: one of
+# these preludes rewrites the messages into the form the template underneath reads.
+TYPED_AS_STRING = (  # image parts first, "<image>\n" each, then the text parts: LLaVA's own layout
+    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
+    "{%- set ns.m = ns.m + [m] -%}{%- else -%}{%- set c = namespace(s='') -%}"
+    "{%- for p in m['content'] if p['type'] == 'image' -%}{%- set c.s = c.s + '<image>\\n' -%}{%- endfor -%}"
+    "{%- for p in m['content'] if p['type'] == 'text' -%}{%- set c.s = c.s + p['text'] -%}{%- endfor -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.s}] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set messages = ns.m -%}")
+STRING_AS_TYPED = (
+    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
+    "{%- set c = namespace(p=[]) -%}{%- for i in range(m['content'].count('<image>')) -%}"
+    "{%- set c.p = c.p + [{'type': 'image'}] -%}{%- endfor -%}{%- set c.p = c.p + [{'type': 'text', "
+    "'text': m['content'].replace('<image>\\n', '').replace('<image>', '')}] -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.p}] -%}{%- else -%}{%- set ns.m = ns.m + [m] -%}"
+    "{%- endif -%}{%- endfor -%}{%- set messages = ns.m -%}")
+PROBE = {"string": [{"role": "user", "content": "<image>\nQUESTION"}, {"role": "assistant", "content": "ANSWER"}],
+         "typed": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "QUESTION"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "ANSWER"}]}]}
+
+
+def render(tok, template, messages, generation_prompt=False):
+    return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                   add_generation_prompt=generation_prompt)
+
+
+def chat_template_both_forms(tok, template, where):
+    """template, or template behind the prelude that makes it render string and typed content alike."""
+    def renders(t, form):
+        try:
+            text = render(tok, t, PROBE[form])
+        except Exception:  # a template written for the other form may fail on this one
+            return None
+        return text if "<image>\nQUESTION" in text and "ANSWER" in text else None
+    for t in (template, TYPED_AS_STRING + template, STRING_AS_TYPED + template):
+        if renders(t, "string") is not None and renders(t, "string") == renders(t, "typed"):
+            return t
+    raise ValueError(f"{where}: its chat template renders neither string nor typed content as a LLaVA prompt "
+                     f"(<image>, then the question); give it one that does")
+
+
+def prepare_chat(processor, generation_config, where, end_is_eos=False):
+    """One chat template on processor and tokenizer alike, taking both content forms; the token that ends an
+    assistant turn in it (<|im_end|> in ChatML) becomes the generation config's first eos id and, for the chat
+    stages (end_is_eos), the tokenizer's eos: a client that stops on tokenizer.eos_token_id (lmms-eval) then stops
+    where training ended every answer. Qwen's chat models ship so (eos <|im_end|>); a base LLM's tokenizer says
+    <|endoftext|>, which ChatML never emits after an answer. pt/dpt keep it: captions end on <|endoftext|>."""
+    tok = processor.tokenizer
+    template = processor.chat_template or tok.chat_template
+    if template is None:  # allowed for pt/dpt; LlavaDataset stops sft/dft on it
+        return
+    processor.chat_template = tok.chat_template = template = chat_template_both_forms(tok, template, where)
+    text = render(tok, template, PROBE["string"])
+    after = tok(text[text.rindex("ANSWER") + len("ANSWER"):], add_special_tokens=False)["input_ids"][:1]
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    if not (after and after[0] in special):
+        if end_is_eos:
+            raise ValueError(f"{where}: its chat template ends an assistant turn without a special token, so no "
+                             f"generation could stop there; use a template that ends turns with one (eos, <|im_end|>)")
+        return
+    if end_is_eos:
+        tok.eos_token = tok.convert_ids_to_tokens(after[0])
+    old = generation_config.eos_token_id
+    old = [] if old is None else [old] if isinstance(old, int) else list(old)
+    generation_config.eos_token_id = after + [i for i in old if i != after[0]]
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tok.pad_token_id
 
 
 def make_processor(image_processor, tokenizer, config, extra_tokens):
@@ -261,6 +348,8 @@ def build_student(vision_path, llm_path):
     tok = transformers.AutoTokenizer.from_pretrained(llm_path)
     if "<image>" not in tok.get_vocab():
         tok.add_tokens(["<image>"], special_tokens=True)
+    if tok.pad_token is None:  # Llama's has none; padding is known by the attention mask, the id never matters
+        tok.pad_token = tok.unk_token or tok.eos_token
     if len(tok) > llm.config.vocab_size:
         llm.resize_token_embeddings(len(tok))
     config = transformers.LlavaConfig(
@@ -274,6 +363,7 @@ def build_student(vision_path, llm_path):
     model.generation_config = llm.generation_config
     processor = make_processor(image_processor, tok, config, extra)
     config.image_seq_length = data.image_seq_length(processor)
+    prepare_chat(processor, model.generation_config, llm_path)
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if meta:
         raise RuntimeError(f"student built from {vision_path} + {llm_path}: these were not loaded: {meta[:5]}")
@@ -284,7 +374,9 @@ def load_llava(path, dtype=None):
     """Any LLaVA checkpoint directory in HF format (a teacher, or a previous stage's output)."""
     model = _checked(transformers.LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, output_loading_info=True), path)
-    return model, transformers.AutoProcessor.from_pretrained(path)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    prepare_chat(processor, model.generation_config, path)
+    return model, processor
 
 
 def check_compatible(teacher, t_proc, student, s_proc):
@@ -295,8 +387,10 @@ def check_compatible(teacher, t_proc, student, s_proc):
     differ = [k for k, i in small.items() if big.get(k) != i]
     problems = []
     if differ:
-        problems.append(f"the tokenizers disagree on {len(differ)} tokens (e.g. {differ[:3]}): use a student LLM "
-                        f"of the teacher's family, with the same tokenizer")
+        name = lambda p: f"{p.tokenizer.name_or_path} ({type(p.tokenizer).__name__}, {len(p.tokenizer)} tokens)"
+        problems.append(f"the tokenizers disagree on {len(differ)} tokens (e.g. {differ[:3]}): teacher tokenizer "
+                        f"{name(t_proc)}, student tokenizer {name(s_proc)}; use a student LLM of the teacher's "
+                        f"family, with the same tokenizer")
     if teacher.config.image_token_id != student.config.image_token_id:
         problems.append(f"image token ids differ: teacher {teacher.config.image_token_id}, "
                         f"student {student.config.image_token_id}")
@@ -308,12 +402,23 @@ def check_compatible(teacher, t_proc, student, s_proc):
         raise ValueError("teacher and student cannot be distilled:\n  " + "\n  ".join(problems))
 
 
-def load_teacher(path, student, s_proc, dtype=None):
+def load_teacher(path, student, s_proc, dtype=None, new_student=False):
     """The teacher: frozen, in eval mode, never updated; checked against the student, whose vision tower
-    becomes the teacher's (one copy in memory: the paper shares the visual encoder)."""
+    becomes the teacher's (one copy in memory: the paper shares the visual encoder). Both models read the same
+    token ids, so the student's chat format is the one the teacher sees: a new student takes the teacher's."""
     teacher, t_proc = load_llava(path, dtype)
     teacher.eval().requires_grad_(False)
     check_compatible(teacher, t_proc, student, s_proc)
+    if new_student and t_proc.chat_template:
+        s_proc.chat_template = s_proc.tokenizer.chat_template = t_proc.chat_template
+        prepare_chat(s_proc, student.generation_config, path)
+    s, t = (render(p.tokenizer, p.chat_template, PROBE["string"]) if p.chat_template else "(no chat template)"
+            for p in (s_proc, t_proc))
+    if s != t:
+        i = next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), min(len(s), len(t)))
+        print(f"note: the student's and the teacher's ({path}) chat templates render a conversation differently "
+              f"from character {i}: student {s[i:i + 60]!r}, teacher {t[i:i + 60]!r}. The teacher reads the "
+              f"student's format in dft: it distils best when the student uses the teacher's template.")
     student.model.vision_tower = teacher.model.vision_tower
     return teacher
 
@@ -343,52 +448,6 @@ def llava_logits(model, input_ids, attention_mask, z_v):
 def save_checkpoint_files(model, processor, out):
     model.save_pretrained(out)  # safetensors
     processor.save_pretrained(out)
-
-
-# ------------------------------------------------------------------------------------------------
-# Toy setup: tiny real checkpoints and data, written offline, so every code path runs on a laptop CPU.
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def toy_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on the toy texts, with Qwen's special tokens and <image>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                                pad_token="<|endoftext|>", chat_template=CHATML)
-
-
-TOY_LLMS = {  # teacher clearly larger than student; vocabulary sizes padded differently, as in real pairs
-    "teacher_llm": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, pad=64),
-    "student_llm": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, pad=16),
-}
-
-
-def make_toy(out, seed=0, **data_sizes):
-    texts = data.make_toy_data(os.path.join(out, "data"), seed, **data_sizes)
-    tok = toy_tokenizer(texts)
-    torch.manual_seed(seed)
-    vcfg = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
-                                           num_hidden_layers=2, num_attention_heads=4)
-    transformers.SiglipVisionModel(vcfg).save_pretrained(os.path.join(out, "vision"))
-    transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(os.path.join(out, "vision"))
-    for name, c in TOY_LLMS.items():
-        c = dict(c)
-        pad = c.pop("pad")
-        cfg = transformers.Qwen2Config(vocab_size=-(-len(tok) // pad) * pad, num_key_value_heads=c["num_attention_heads"],
-                                       max_position_embeddings=512, tie_word_embeddings=name == "student_llm",
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **c)
-        llm = transformers.Qwen2ForCausalLM(cfg)
-        llm.generation_config = transformers.GenerationConfig(
-            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")], pad_token_id=tok.eos_token_id)
-        llm.save_pretrained(os.path.join(out, name))
-        tok.save_pretrained(os.path.join(out, name))
-    print(f"toy setup in {out}: vision/ teacher_llm/ student_llm/ data/{{pretrain,sft,test}}.json data/images/")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,8 +530,10 @@ def train(a):
     model, processor = load_llava(ckpt if a.resume else a.init) if (a.resume or a.init) else build_student(a.vision, a.llm)
     teacher = None
     if stage["teacher"]:
-        teacher = load_teacher(a.teacher, model, processor, torch.bfloat16 if cuda else None).to(device)
+        teacher = load_teacher(a.teacher, model, processor, torch.bfloat16 if cuda else None,
+                               new_student=not (a.resume or a.init)).to(device)
         model.model.vision_tower.float()  # the shared tower stays in the student's dtype, as it is saved with it
+    prepare_chat(processor, model.generation_config, ckpt if a.resume else a.init or a.llm, end_is_eos=stage["chat"])
     apply_stage(model, a.stage)
     model.to(device)
     model.config.use_cache = False
@@ -576,50 +637,11 @@ def train(a):
         dist.destroy_process_group()
 
 
-@torch.no_grad()
-def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
-    """Exact-match accuracy of greedy answers to the first question of each sample (the toy test set)."""
-    model, processor = load_llava(model_dir)
-    model.eval()
-    ds = data.LlavaDataset(data_json, images, processor, chat=True, max_length=4096)
-    tok, correct = processor.tokenizer, 0
-    for i in range(0, len(ds), batch_size):
-        rows = [ds.rows[j] for j in range(i, min(i + batch_size, len(ds)))]
-        prompts = [[{"role": "user", "content": conv[0]["value"]}] for _, _, conv in rows]
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        images_ = [Image.open(path).convert("RGB") for _, path, _ in rows if path]
-        tok.padding_side = "left"  # generation continues every row from its last token
-        inputs = processor(text=texts, images=images_ or None, return_tensors="pt", padding=True)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(ans.strip().lower() == conv[1]["value"].strip().lower() for ans, (_, _, conv) in zip(answers, rows))
-    return correct / len(ds)
-
-
-def table(results, out, seconds=None):
-    """One row per training scheme: mean and standard deviation of the accuracy over seeds."""
-    rows = {}
-    for line in open(results):
-        r = json.loads(line)
-        rows.setdefault(r["row"], []).append(100 * r["accuracy"])
-    lines = ["| model (held-out toy test set) | exact match % | seeds |", "| --- | --- | --- |"]
-    for name, xs in rows.items():
-        sd = (sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
-        lines.append(f"| {name} | {sum(xs) / len(xs):.1f} ± {sd:.1f} | {len(xs)} |")
-    text = "\n".join(lines) + (f"\n\nwall time {seconds // 60} min {seconds % 60} s" if seconds is not None else "")
-    with open(out, "w") as f:
-        f.write(text + "\n")
-    return text
-
-
 def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("toy", help="write tiny checkpoints and a toy data set, offline")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train", help="one stage: pt, dpt, sft or dft")
     p.add_argument("--stage", required=True, choices=list(STAGES))
     p.add_argument("--data", required=True, help="LLaVA JSON")
@@ -644,31 +666,8 @@ def main(argv=None):
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
-    p = sub.add_parser("eval", help="exact-match accuracy on held-out questions")
-    p.add_argument("--model", required=True, nargs="+", help="one or more checkpoint dirs")
-    p.add_argument("--data", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--results", help="append {row, seed, accuracy} to this JSON-lines file")
-    p.add_argument("--row", nargs="+", help="the table row name of each --model")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("table", help="mean and spread over seeds of the eval results")
-    p.add_argument("--results", required=True)
-    p.add_argument("--out", required=True, help="the table as Markdown")
-    p.add_argument("--seconds", type=int, help="wall time of the run, printed under the table")
     a = ap.parse_args(argv)
-    if a.cmd == "toy":
-        make_toy(a.out, a.seed)
-    elif a.cmd == "train":
-        train(a)
-    elif a.cmd == "eval":
-        for model, row in zip(a.model, a.row or a.model):
-            acc = evaluate(model, a.data, a.images)
-            print(f"exact match {acc:.4f} on {a.data} ({model})")
-            if a.results:
-                with open(a.results, "a") as f:
-                    f.write(json.dumps({"row": row, "seed": a.seed, "accuracy": acc}) + "\n")
-    else:
-        print(table(a.results, a.out, a.seconds))
+    train(a)
 
 
 if __name__ == "__main__":

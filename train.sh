@@ -50,10 +50,10 @@ PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS $COMMON"
 SFT="--data $T/data/sft.json --lr 2e-3 --epochs $TOY_SFT_EPOCHS $COMMON"
 START=$(date +%s)
 rm -rf "$OUT"; mkdir -p "$OUT"
-python llava_kd.py toy --out "$T"
+python toy.py setup --out "$T"
 $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
 $RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --epochs 4
-EVAL="python llava_kd.py eval --data $T/data/test.json --images $T/data/images --results $OUT/results.jsonl"
+EVAL="python toy.py eval --data $T/data/test.json --images $T/data/images --results $OUT/results.jsonl"
 $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT"
 for s in $SEEDS; do
   S=$OUT/seed$s; K="--teacher $OUT/teacher-pt-sft"
@@ -67,4 +67,4 @@ for s in $SEEDS; do
   $EVAL --seed $s --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft --row "student PT-SFT" \
     "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" "student PT-SFT-SFT (no teacher)"
 done
-python llava_kd.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
+python toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
