@@ -1,6 +1,8 @@
 """Real checkpoint families, built locally at tiny width with their real config fields (nothing downloaded):
 llava-hf's Qwen LLaVAs (llava-interleave-qwen-7b-hf / -0.5b-hf), a Qwen1.5-0.5B base LLM, LLaVA-1.5."""
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import llava_kd
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # llava-interleave-qwen-*-hf's chat_template.json: typed content only (a string's text renders as nothing)
 INTERLEAVE_TEMPLATE = (
@@ -150,11 +154,17 @@ def test_qwen15_student_of_an_interleave_teacher_runs_every_stage_in_the_teacher
     assert proc.tokenizer.eos_token == "<|im_end|>"  # the chat stages' answers end on it
 
 
-def test_existing_small_llava_gets_dft_only(toy, real, tmp_path):
-    """`--init` an existing small HF LLaVA (typed-only template, vocabulary 152000) and distil it."""
-    log = run(toy, "dft", tmp_path / "dft", "--init", real["interleave-0.5b"], "--teacher", real["interleave-7b"])
-    assert all(r["L_reg"] > 0 and r["L_res"] > 0 and r["L_vis"] > 0 for r in log)
-    _, proc = llava_kd.load_llava(tmp_path / "dft")
+def test_existing_small_llava_gets_dft_only_through_train_sh(toy, real, tmp_path):
+    """README: `INIT=DIR TEACHER=DIR SFT_DATA=... SFT_IMAGES=... bash train.sh` distils an existing small HF LLaVA
+    (typed-only template, vocabulary 152000)."""
+    env = dict(os.environ, INIT=real["interleave-0.5b"], TEACHER=real["interleave-7b"], SFT_DATA=f"{toy}/data/sft.json",
+               SFT_IMAGES=f"{toy}/data/images", OUT=str(tmp_path), NGPU="1", BATCH="2",
+               EXTRA="--global_batch_size 4 --max_steps 2 --max_length 400 --workers 0")
+    out = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "student-dft" / "log.jsonl")]
+    assert len(log) == 2 and all(r["L_reg"] > 0 and r["L_res"] > 0 and r["L_vis"] > 0 for r in log)
+    _, proc = llava_kd.load_llava(tmp_path / "student-dft")
     ds = llava_kd.data.LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=400)
     text = proc.tokenizer.decode(ds[0]["input_ids"])
     assert ds.rows[0][2][0]["value"].replace("<image>\n", "") in text  # the question's text was rendered
@@ -178,3 +188,22 @@ def test_different_chat_formats_are_named_at_start(toy, real, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chat templates render a conversation differently from character 12: student 'system\\nYou are a " \
            "helpful assistant." in out and "teacher 'user\\n<image>" in out  # after the shared '<|im_start|>'
+
+
+# llava-hf/llava-1.5-7b-hf's own template: typed content, and nothing after an assistant answer
+LLAVA15_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_a_template_with_no_end_of_answer_token_is_refused_for_the_chat_stages(real):
+    _, proc = llava_kd.load_llava(real["llava-1.5"])
+    proc.chat_template = proc.tokenizer.chat_template = LLAVA15_HF_TEMPLATE
+    llava_kd.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf")  # pt/dpt: fine, both forms
+    assert proc.apply_chat_template([{"role": "user", "content": "<image>\nQ?"}], tokenize=False) == "USER: <image>\nQ? "
+    with pytest.raises(ValueError, match="llava-1.5-hf: its chat template ends an assistant turn without a special"):
+        llava_kd.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf", end_is_eos=True)

@@ -3,11 +3,13 @@
 #
 #   bash train.sh                      # the toy recipe: offline, CPU, prints the table of the README
 #   VISION=... TEACHER_LLM=... STUDENT_LLM=... PT_DATA=... PT_IMAGES=... SFT_DATA=... SFT_IMAGES=... bash train.sh
+#   INIT=... TEACHER=... SFT_DATA=... SFT_IMAGES=... bash train.sh     # DFT only: make an existing small LLaVA better
 #
 # Settings (environment variables). With none of them set, the toy recipe runs.
 #   VISION        SigLIP checkpoint dir, e.g. google/siglip-so400m-patch14-384 (or a LLaVA dir: its tower)
 #   TEACHER_LLM   teacher LLM dir, e.g. Qwen/Qwen1.5-4B: trained PT -> SFT here first, unless TEACHER is set
 #   TEACHER       a trained LLaVA teacher in HF format: the teacher's own training is skipped
+#   INIT          an existing small LLaVA in HF format (e.g. llava-hf/llava-interleave-qwen-0.5b-hf): only DFT runs
 #   STUDENT_LLM   student LLM dir, e.g. Qwen/Qwen1.5-0.5B
 #   PT_DATA       LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json);   PT_IMAGES  its image folder
 #   SFT_DATA      LLaVA-1.5 mix JSON (llava_v1_5_mix665k.json);         SFT_IMAGES its image root
@@ -21,6 +23,16 @@ cd "$(dirname "$0")"
 NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 RUN="torchrun --standalone --nproc_per_node=$NGPU llava_kd.py train"
 EXTRA=${EXTRA:-}
+
+if [ -n "${INIT:-}" ]; then
+  # ---- DFT only: an existing small LLaVA distilled from a larger one of the same tokenizer ----
+  : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
+  OUT=${OUT:-runs/real}
+  $RUN --stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
+    --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
+  echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
+  exit 0
+fi
 
 if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   # ---- the real recipe (Table A9 defaults: lr, global batch, one epoch, AdamW, cosine, 3% warmup) ----
