@@ -13,5 +13,5 @@ def toy(tmp_path_factory):
     """The toy setup, small: tiny checkpoints and a few samples, written once per test session."""
     import toy as setup
     out = str(tmp_path_factory.mktemp("toy"))
-    setup.make_toy(out, seed=0, n_pretrain=64, n_sft=100, n_test=16)
+    setup.make_toy(out, seed=0, **setup.QUICK)
     return out

@@ -12,7 +12,11 @@ from PIL import Image
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a path, the data): the CLI prints its message alone, no traceback."""
+
+
+class DataError(UserError):
     pass
 
 
@@ -23,12 +27,65 @@ def image_seq_length(processor):
     return n - (processor.vision_feature_select_strategy == "default")
 
 
+def read_samples(json_path, image_folder):
+    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError names the
+    file and lists every bad sample id; a missing or misplaced <image> is put at the start of the first turn."""
+    try:
+        with open(json_path) as f:
+            rows = json.load(f)
+        assert isinstance(rows, list)
+    except (OSError, ValueError, AssertionError) as e:
+        raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
+    samples, problems, moved = [], [], [0]
+    for i, row in enumerate(rows):
+        try:
+            samples.append(_check(row, i, image_folder, moved))
+        except DataError as e:
+            problems.append(str(e))
+    if problems:
+        raise DataError(f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
+                        + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+    if moved[0]:
+        print(f"{json_path}: put <image> at the start of the first human turn in {moved[0]} sample(s)")
+    return samples
+
+
+def _check(row, i, image_folder, moved):
+    sid = row.get("id", f"#{i}") if isinstance(row, dict) else f"#{i}"
+    conv = row.get("conversations") if isinstance(row, dict) else None
+    if not conv:
+        raise DataError(f"sample {sid}: empty or missing 'conversations'")
+    if len(conv) % 2 or any(not isinstance(c, dict) or c.get("from") != ("human", "gpt")[j % 2]
+                            or not isinstance(c.get("value"), str) for j, c in enumerate(conv)):
+        raise DataError(f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt")
+    conv = [dict(c) for c in conv]
+    n_tags = sum(c["value"].count("<image>") for c in conv)
+    image = row.get("image")
+    if image is None:
+        if n_tags:
+            raise DataError(f"sample {sid}: <image> in the text of a sample with no 'image'")
+        return sid, None, conv
+    if not isinstance(image, str) or n_tags > 1:
+        raise DataError(f"sample {sid}: one image per sample is supported ('image' must be one path)")
+    path = os.path.join(image_folder, image)
+    if not os.path.isfile(path):
+        raise DataError(f"sample {sid}: image file {path} not found (is --images the folder the paths "
+                        f"in the JSON are relative to?)")
+    if not conv[0]["value"].startswith("<image>"):  # LLaVA: the image opens the first human turn
+        moved[0] += 1
+        conv[0]["value"] = "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
+        for c in conv[1:]:
+            c["value"] = c["value"].replace("<image>", "")
+    return sid, path, conv
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     """chat=False: the pretraining template  <image tokens> caption <eos>, labels on caption + eos.
-    chat=True: the tokenizer's chat template, labels on every assistant turn and its end-of-turn token.
-    Every sample is checked when the file is opened; a bad one raises DataError naming the file and id."""
+    chat=True: the saved processor's chat template, labels on every assistant turn and its end-of-turn token.
+    samples: read_samples(json_path, image_folder) when already read (train checks the data before loading
+    any weights); otherwise the file is read and checked here."""
 
-    def __init__(self, json_path, image_folder, processor, chat, max_length):
+    def __init__(self, json_path, image_folder, processor, chat, max_length, samples=None):
         self.json_path, self.image_folder, self.chat, self.max_length = json_path, image_folder, chat, max_length
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
@@ -37,51 +94,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if chat and not self.template:
             raise DataError(f"{json_path}: sft/dft render conversations with the model's chat template, and its "
                             f"processor and tokenizer have none")
-        try:
-            with open(json_path) as f:
-                rows = json.load(f)
-            assert isinstance(rows, list)
-        except (OSError, ValueError, AssertionError) as e:
-            raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
-        self.rows, problems, self.moved = [], [], 0
-        for i, row in enumerate(rows):
-            try:
-                self.rows.append(self._check(row, i))
-            except DataError as e:
-                problems.append(str(e))
-        if problems:
-            raise DataError(f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
-                            + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
-        if self.moved:
-            print(f"{json_path}: put <image> at the start of the first human turn in {self.moved} sample(s)")
-
-    def _check(self, row, i):
-        sid = row.get("id", f"#{i}") if isinstance(row, dict) else f"#{i}"
-        conv = row.get("conversations") if isinstance(row, dict) else None
-        if not conv:
-            raise DataError(f"sample {sid}: empty or missing 'conversations'")
-        if len(conv) % 2 or any(not isinstance(c, dict) or c.get("from") != ("human", "gpt")[j % 2]
-                                or not isinstance(c.get("value"), str) for j, c in enumerate(conv)):
-            raise DataError(f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt")
-        conv = [dict(c) for c in conv]
-        n_tags = sum(c["value"].count("<image>") for c in conv)
-        image = row.get("image")
-        if image is None:
-            if n_tags:
-                raise DataError(f"sample {sid}: <image> in the text of a sample with no 'image'")
-            return sid, None, conv
-        if not isinstance(image, str) or n_tags > 1:
-            raise DataError(f"sample {sid}: one image per sample is supported ('image' must be one path)")
-        path = os.path.join(self.image_folder, image)
-        if not os.path.isfile(path):
-            raise DataError(f"sample {sid}: image file {path} not found (is --images the folder the paths "
-                            f"in the JSON are relative to?)")
-        if not conv[0]["value"].startswith("<image>"):  # LLaVA: the image opens the first human turn
-            self.moved += 1
-            conv[0]["value"] = "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
-            for c in conv[1:]:
-                c["value"] = c["value"].replace("<image>", "")
-        return sid, path, conv
+        self.rows = read_samples(json_path, image_folder) if samples is None else samples
 
     def __len__(self):
         return len(self.rows)

@@ -256,7 +256,7 @@ def load_vision(path):
     cls = {"siglip": transformers.SiglipVisionModel, "siglip_vision_model": transformers.SiglipVisionModel,
            "clip": transformers.CLIPVisionModel, "clip_vision_model": transformers.CLIPVisionModel}.get(cfg.model_type)
     if cls is None:
-        raise ValueError(f"--vision {path}: a SigLIP, CLIP or LLaVA checkpoint is needed, not {cfg.model_type}")
+        raise data.UserError(f"--vision {path}: a SigLIP, CLIP or LLaVA checkpoint is needed, not {cfg.model_type}")
     tower = _checked(cls.from_pretrained(path, output_loading_info=True), path)
     clip = cls is transformers.CLIPVisionModel  # CLIP has a CLS token, which LLaVA-1.5 drops ("default")
     # SigLIP has no CLS: "full" keeps all 27 x 27 = 729 patch tokens at 384px (the public code drops one)
@@ -302,7 +302,7 @@ def chat_template_both_forms(tok, template, where):
     for t in (template, TYPED_AS_STRING + template, STRING_AS_TYPED + template):
         if renders(t, "string") is not None and renders(t, "string") == renders(t, "typed"):
             return t
-    raise ValueError(f"{where}: its chat template renders neither string nor typed content as a LLaVA prompt "
+    raise data.UserError(f"{where}: its chat template renders neither string nor typed content as a LLaVA prompt "
                      f"(<image>, then the question); give it one that does")
 
 
@@ -322,7 +322,7 @@ def prepare_chat(processor, generation_config, where, end_is_eos=False):
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     if not (after and after[0] in special):
         if end_is_eos:
-            raise ValueError(f"{where}: its chat template ends an assistant turn without a special token, so no "
+            raise data.UserError(f"{where}: its chat template ends an assistant turn without a special token, so no "
                              f"generation could stop there; use a template that ends turns with one (eos, <|im_end|>)")
         return
     if end_is_eos:
@@ -399,7 +399,7 @@ def check_compatible(teacher, t_proc, student, s_proc):
         problems.append(f"visual tokens per image differ: teacher {nt}, student {ns} (use the teacher's vision "
                         f"tower for the student: --vision TEACHER_DIR)")
     if problems:
-        raise ValueError("teacher and student cannot be distilled:\n  " + "\n  ".join(problems))
+        raise data.UserError("teacher and student cannot be distilled:\n  " + "\n  ".join(problems))
 
 
 def load_teacher(path, student, s_proc, dtype=None, new_student=False):
@@ -500,8 +500,55 @@ def save_checkpoint(model, processor, state, out):
     shutil.rmtree(old, ignore_errors=True)
 
 
+# What each path flag must hold: checked from its config.json before anything heavy is loaded.
+CHECKPOINT_FLAGS = {
+    "init": ({"llava"}, "a LLaVA checkpoint directory (a previous stage's --out, or an HF LLaVA)"),
+    "teacher": ({"llava"}, "a LLaVA checkpoint directory"),
+    "vision": ({"siglip", "siglip_vision_model", "clip", "clip_vision_model", "llava"},
+               "a SigLIP or CLIP checkpoint directory, or a LLaVA one (its vision tower is used)"),
+    "llm": (None, "a causal-LM checkpoint directory, e.g. Qwen1.5-0.5B"),
+}
+
+
+def check_checkpoint(flag, path, kinds, what):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise data.UserError(f"--{flag} {path}: " + ("no config.json in this directory" if os.path.isdir(path)
+                                                      else "no such directory") + f"; expected {what}")
+    kind = json.load(open(config)).get("model_type")
+    if (kind not in kinds) if kinds else kind in (None, "llava"):
+        raise data.UserError(f"--{flag} {path}: a {kind!r} checkpoint; expected {what}")
+
+
+def check_flags(a, world):
+    """Every user error that flags alone can show, before any weights or data are read."""
+    stage = STAGES[a.stage]
+    if not os.path.isfile(a.data):
+        raise data.UserError(f"--data {a.data}: no such file; expected a LLaVA JSON file")
+    if not os.path.isdir(a.images):
+        raise data.UserError(f"--images {a.images}: no such directory; expected the folder the JSON's image paths "
+                             f"are relative to")
+    for flag, (kinds, what) in CHECKPOINT_FLAGS.items():
+        if getattr(a, flag):
+            check_checkpoint(flag, getattr(a, flag), kinds, what)
+    global_batch = a.global_batch_size or stage["global_batch"]
+    if global_batch % (a.batch_size * world):
+        raise data.UserError(f"--global_batch_size {global_batch} must be a multiple of --batch_size {a.batch_size} "
+                             f"x {world} processes")
+    if stage["teacher"] != bool(a.teacher):
+        raise data.UserError(f"--stage {a.stage} " + ("needs --teacher DIR" if stage["teacher"] else "takes no --teacher"))
+    if a.resume and not os.path.isfile(os.path.join(a.out, "checkpoint", "train_state.pt")):
+        raise data.UserError(f"--resume: no checkpoint in {os.path.join(a.out, 'checkpoint')} to continue from")
+    if not (a.resume or a.init or (a.vision and a.llm)):
+        raise data.UserError("give --init DIR (a previous stage's output) or --vision DIR --llm DIR (a new student)")
+    return global_batch
+
+
 def train(a):
     stage = STAGES[a.stage]
+    # flags, paths and every sample are checked first: a typo costs seconds, not a teacher's loading time
+    global_batch = check_flags(a, int(os.environ.get("WORLD_SIZE", 1)))
+    samples = data.read_samples(a.data, a.images)
     # DDP, as nanoGPT: torchrun sets RANK; one process per device; gloo on CPU, NCCL on CUDA
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available() and not a.cpu
@@ -513,18 +560,8 @@ def train(a):
         torch.cuda.set_device(device)
     master = rank == 0
     lr = a.lr or stage["lr"]
-    global_batch = a.global_batch_size or stage["global_batch"]
-    if global_batch % (a.batch_size * world):
-        raise SystemExit(f"--global_batch_size {global_batch} must be a multiple of --batch_size {a.batch_size} "
-                         f"x {world} processes")
     accum = global_batch // (a.batch_size * world)  # micro-steps per optimizer step on each process
-    if stage["teacher"] != bool(a.teacher):
-        raise SystemExit(f"--stage {a.stage} " + ("needs --teacher DIR" if stage["teacher"] else "takes no --teacher"))
     ckpt = os.path.join(a.out, "checkpoint")
-    if a.resume and not os.path.isfile(os.path.join(ckpt, "train_state.pt")):
-        raise SystemExit(f"--resume: no checkpoint in {ckpt} to continue from")
-    if not (a.resume or a.init or (a.vision and a.llm)):
-        raise SystemExit("give --init DIR (a previous stage's output) or --vision DIR --llm DIR (a new student)")
 
     torch.manual_seed(a.seed)  # the same new projector on every process
     model, processor = load_llava(ckpt if a.resume else a.init) if (a.resume or a.init) else build_student(a.vision, a.llm)
@@ -546,17 +583,17 @@ def train(a):
                   find_unused_parameters=stage["chat"]) if ddp else _Student(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
-    ds = data.LlavaDataset(a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length)
+    ds = data.LlavaDataset(a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples)
     steps_per_epoch = len(ds) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{a.data}: {len(ds)} samples are fewer than one global batch ({global_batch})")
+        raise data.UserError(f"{a.data}: {len(ds)} samples are fewer than one global batch ({global_batch})")
     total = steps_per_epoch * a.epochs
     end = min(total, a.max_steps or total)  # --max_steps stops early; the schedule stays that of `total`
     step = 0
     if a.resume:
         state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
         if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
-            raise SystemExit(f"--resume: {ckpt} was written with another data size, --global_batch_size or --seed")
+            raise data.UserError(f"--resume: {ckpt} was written with another data size, --global_batch_size or --seed")
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     image_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
@@ -577,7 +614,10 @@ def train(a):
     log = None
     if master:
         os.makedirs(a.out, exist_ok=True)
-        log = open(os.path.join(a.out, "log.jsonl"), "a" if a.resume else "w")
+        path = os.path.join(a.out, "log.jsonl")
+        kept = [line for line in open(path) if json.loads(line)["step"] <= step] if a.resume and os.path.exists(path) else []
+        log = open(path, "w")  # a resumed run drops what a crash logged after its checkpoint
+        log.writelines(kept)
         n_train = sum(p.numel() for p in params)
         print(f"stage {a.stage}: {len(ds)} samples, {total} steps of {global_batch} ({world} x {a.batch_size} x "
               f"{accum}), lr {lr}, {n_train / 1e6:.2f}M trainable, teacher {a.teacher or '-'}")
@@ -610,7 +650,7 @@ def train(a):
             dist.all_reduce(logged)
         logged /= world
         if not torch.isfinite(logged).all():  # every process sees the same numbers and stops together
-            raise SystemExit(f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
+            raise data.UserError(f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
                              f"saving, the last good checkpoint is in {ckpt}")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -667,7 +707,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     a = ap.parse_args(argv)
-    train(a)
+    try:
+        train(a)
+    except data.UserError as e:  # the user's to fix: the message alone, once (every rank stops on it), exit 1
+        raise SystemExit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_llava15_teacher_teaches_its_own_family_and_refuses_a_qwen_student(toy, 
     assert all(r["L_res"] > 0 and r["L_vis"] > 0 for r in log)
     cfg = transformers.AutoConfig.from_pretrained(tmp_path / "dft")
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_seq_length) == (-2, "default", 16)
-    with pytest.raises(ValueError, match=f"teacher tokenizer {T}.*student tokenizer {real['qwen1.5-0.5b']}"):
+    with pytest.raises(SystemExit, match=f"teacher tokenizer {T}.*student tokenizer {real['qwen1.5-0.5b']}"):
         run(toy, "dpt", tmp_path / "qwen", "--vision", T, "--llm", real["qwen1.5-0.5b"], "--teacher", T)
 
 

@@ -6,6 +6,7 @@ llava_kd.py runs on a laptop CPU; its eval and its table. Not part of the method
     python toy.py table --results F --out table.md
 """
 import argparse
+import collections
 import json
 import os
 import random
@@ -58,30 +59,35 @@ TEXT_ONLY = [("What is the opposite of top?", "bottom"), ("What is the opposite 
              ("What colour is the sky on a clear day?", "blue"), ("What is the opposite of big?", "small")]
 
 
-def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=2500, n_test=300, px=32):
-    """Writes out/images/*.png and out/{pretrain,sft,test}.json (LLaVA format); returns the texts seen,
-    for training a tokenizer."""
+def _caption(scene):
+    return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}" for o in scene) + "."
+
+
+def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=1200, n_teacher_sft=6000, n_test=300, n_text=6000, px=32):
+    """Writes out/images/*.png and out/{pretrain,sft,teacher_sft,test}.json (LLaVA format), each split on images
+    of its own, and out/text.json: text-only documents (captions; a scene described in words, then a question
+    about it and its answer) that the toy LLMs are pretrained on, so that they know the toy language before
+    the multimodal stages, as Qwen does. Returns the texts seen, for training a tokenizer."""
     rng, texts = random.Random(seed), []
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     def sample(split, i):
         scene, name = _toy_scene(rng), f"{split}_{i:05d}.png"
         _toy_image(scene, px).save(os.path.join(out, "images", name))
         return scene, name
-    rows = {"pretrain": [], "sft": [], "test": []}
+    rows = {"pretrain": [], "sft": [], "teacher_sft": [], "test": []}
     for i in range(n_pretrain):
         scene, name = sample("pretrain", i)
-        cap = " and ".join(f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}" for o in scene) + "."
         rows["pretrain"].append({"id": f"pretrain_{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": cap}]})
-    for split, n in (("sft", n_sft), ("test", n_test)):
+            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": _caption(scene)}]})
+    for split, n in (("sft", n_sft), ("teacher_sft", n_teacher_sft), ("test", n_test)):
         for i in range(n):
-            if split == "sft" and i % 50 == 49:  # a few text-only rows, as in the LLaVA-1.5 mix
+            if split != "test" and i % 50 == 49:  # a few text-only rows, as in the LLaVA-1.5 mix
                 q, a = rng.choice(TEXT_ONLY)
                 rows[split].append({"id": f"{split}_{i}", "conversations": [
                     {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
                 continue
             scene, name = sample(split, i)
-            qa = rng.sample(_toy_questions(scene), rng.randint(1, 3) if split == "sft" else 1)
+            qa = rng.sample(_toy_questions(scene), rng.randint(1, 3) if split != "test" else 1)
             conv = []
             for j, (q, a) in enumerate(qa):
                 conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
@@ -90,7 +96,14 @@ def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=2500, n_test=300, px=32):
         with open(os.path.join(out, f"{split}.json"), "w") as f:
             json.dump(r, f, indent=1)
         texts += [c["value"] for row in r for c in row["conversations"]]
-    return texts
+    docs = []  # text only: no image is drawn for these scenes
+    for i in range(n_text):
+        scene = _toy_scene(rng)
+        q, a = rng.choice(_toy_questions(scene) + TEXT_ONLY[:1])
+        docs.append({"caption": _caption(scene), "question": q, "answer": a})
+    with open(os.path.join(out, "text.json"), "w") as f:
+        json.dump(docs, f, indent=1)
+    return texts + [d["caption"] for d in docs]
 
 
 # Toy checkpoints: a SigLIP, a teacher and a student Qwen2 LLM, one trained byte-level BPE tokenizer.
@@ -116,26 +129,85 @@ TOY_LLMS = {  # teacher clearly larger than student; vocabulary sizes padded dif
 }
 
 
-def make_toy(out, seed=0, **data_sizes):
+def pixel_batch(scenes, processor, px):
+    return torch.stack([processor(_toy_image(s, px), return_tensors="pt")["pixel_values"][0] for s in scenes])
+
+
+def train_vision(tower, processor, px, steps, layer=-2, batch=64, seed=0):
+    """Trains the toy SigLIP before it is frozen, as SigLIP is pretrained: every patch token of the layer LLaVA
+    reads predicts what is in its quadrant (shape, colour, size, or nothing)."""
+    rng, grid = random.Random(seed + 1), tower.config.image_size // tower.config.patch_size
+    names = [("none",) + SHAPES, ("none",) + tuple(COLOURS), ("none",) + SIZES]
+    head = torch.nn.Linear(tower.config.hidden_size, sum(map(len, names)))
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=2e-3)
+    quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+    for step in range(steps):
+        scenes = [_toy_scene(rng) for _ in range(batch)]
+        target = torch.tensor([[[n.index(o[k]) if o else 0 for n, k in zip(names, ("shape", "colour", "size"))]
+                                for o in ({x["place"]: x for x in s}.get(q) for q in quadrant)] for s in scenes])
+        h = tower(pixel_batch(scenes, processor, px), output_hidden_states=True).hidden_states[layer]
+        logits = head(h).split([len(n) for n in names], -1)
+        loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), target[..., i].flatten())
+                   for i, l in enumerate(logits))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item() if steps else None
+
+
+def pretrain_llm(llm, tok, docs, steps, batch=32, lr=3e-3, seed=0):
+    """Next-token training on text alone: captions (as pt/dpt print them, ending on eos) and chat turns in which
+    a scene described in words is followed by a question and its answer."""
+    rng = random.Random(seed + 2)
+    texts = []
+    for d in docs:
+        texts.append(d["caption"] + tok.eos_token)
+        texts.append(tok.apply_chat_template([{"role": "user", "content": d["caption"] + "\n" + d["question"]},
+                                              {"role": "assistant", "content": d["answer"]}], tokenize=False))
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - step / steps)
+        enc = tok(rng.sample(texts, min(batch, len(texts))), padding=True, return_tensors="pt", add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = llm(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item() if steps else None
+
+
+QUICK = dict(n_pretrain=64, n_sft=100, n_teacher_sft=100, n_test=16, n_text=64, vision_steps=2, llm_steps=(2, 2))
+
+
+def make_toy(out, seed=0, vision_steps=150, llm_steps=(600, 400), **data_sizes):
+    """The toy setup, once for every seed: data, tokenizer, a trained then frozen vision tower, and a teacher and
+    a student LLM pretrained on the toy texts (the teacher larger and longer)."""
     texts = make_toy_data(os.path.join(out, "data"), seed, **data_sizes)
     tok = toy_tokenizer(texts)
     torch.manual_seed(seed)
     vcfg = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
                                            num_hidden_layers=2, num_attention_heads=4)
-    transformers.SiglipVisionModel(vcfg).save_pretrained(os.path.join(out, "vision"))
-    transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(os.path.join(out, "vision"))
-    for name, c in TOY_LLMS.items():
+    tower, processor = transformers.SiglipVisionModel(vcfg), transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    loss = train_vision(tower, processor, 32, vision_steps, seed=seed)
+    tower.save_pretrained(os.path.join(out, "vision"))
+    processor.save_pretrained(os.path.join(out, "vision"))
+    docs = json.load(open(os.path.join(out, "data", "text.json")))
+    report = [f"vision tower loss {loss}"]
+    for (name, c), steps in zip(TOY_LLMS.items(), llm_steps):
         c = dict(c)
         pad = c.pop("pad")
         cfg = transformers.Qwen2Config(vocab_size=-(-len(tok) // pad) * pad, num_key_value_heads=c["num_attention_heads"],
                                        max_position_embeddings=512, tie_word_embeddings=name == "student_llm",
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **c)
         llm = transformers.Qwen2ForCausalLM(cfg)
+        report.append(f"{name} text loss {pretrain_llm(llm, tok, docs, steps, seed=seed)}")
         llm.generation_config = transformers.GenerationConfig(
             eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")], pad_token_id=tok.eos_token_id)
         llm.save_pretrained(os.path.join(out, name))
         tok.save_pretrained(os.path.join(out, name))
-    print(f"toy setup in {out}: vision/ teacher_llm/ student_llm/ data/{{pretrain,sft,test}}.json data/images/")
+    print(f"toy setup in {out} ({', '.join(report)}): vision/ teacher_llm/ student_llm/ "
+          f"data/{{pretrain,sft,teacher_sft,test,text}}.json data/images/")
 
 
 @torch.no_grad()
@@ -156,6 +228,19 @@ def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
         answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         correct += sum(ans.strip().lower() == conv[1]["value"].strip().lower() for ans, (_, _, conv) in zip(answers, rows))
     return correct / len(ds)
+
+
+def question_prior(train_json, test_json):
+    """Exact match of the best answer from the question alone: the most frequent answer to the same question in
+    the training rows (what a model that ignores the image can reach)."""
+    answers = {}
+    for row in json.load(open(train_json)):
+        conv = row["conversations"]
+        for q, a in zip(conv[::2], conv[1::2]):
+            answers.setdefault(q["value"].replace("<image>\n", ""), collections.Counter())[a["value"]] += 1
+    test = [row["conversations"][:2] for row in json.load(open(test_json))]
+    best = lambda q: answers[q].most_common(1)[0][0] if q in answers else None
+    return sum(best(q["value"].replace("<image>\n", "")) == a["value"] for q, a in test) / len(test)
 
 
 def table(results, out, seconds=None):
@@ -182,6 +267,7 @@ def main(argv=None):
     p = sub.add_parser("setup", help="write tiny checkpoints and a toy data set, offline")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few samples and training steps (the tests)")
     p = sub.add_parser("eval", help="exact-match accuracy on held-out questions")
     p.add_argument("--model", required=True, nargs="+", help="one or more checkpoint dirs")
     p.add_argument("--data", required=True)
@@ -189,13 +275,18 @@ def main(argv=None):
     p.add_argument("--results", help="append {row, seed, accuracy} to this JSON-lines file")
     p.add_argument("--row", nargs="+", help="the table row name of each --model")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("prior", help="exact match from the question alone (majority answer in the training rows)")
+    p.add_argument("--train", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--row", default="question-only prior (no image)")
     p = sub.add_parser("table", help="mean and spread over seeds of the eval results")
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True, help="the table as Markdown")
     p.add_argument("--seconds", type=int, help="wall time of the run, printed under the table")
     a = ap.parse_args(argv)
     if a.cmd == "setup":
-        make_toy(a.out, a.seed)
+        make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
     elif a.cmd == "eval":
         for model, row in zip(a.model, a.row or a.model):
             acc = evaluate(model, a.data, a.images)
@@ -203,6 +294,11 @@ def main(argv=None):
             if a.results:
                 with open(a.results, "a") as f:
                     f.write(json.dumps({"row": row, "seed": a.seed, "accuracy": acc}) + "\n")
+    elif a.cmd == "prior":
+        acc = question_prior(a.train, a.data)
+        print(f"question-only prior {acc:.4f} on {a.data}")
+        with open(a.results, "a") as f:
+            f.write(json.dumps({"row": a.row, "seed": 0, "accuracy": acc}) + "\n")
     else:
         print(table(a.results, a.out, a.seconds))
 
