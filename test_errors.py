@@ -115,3 +115,10 @@ def test_the_no_weights_guard_catches_a_load(toy, student_dir, no_weights):
         llava_kd.load_llava(student_dir)
     with pytest.raises(AssertionError, match="weights were loaded"):
         llava_kd.build_student(student_dir, f"{toy}/student_llm")
+
+
+def test_toy_eval_names_a_wrong_model_dir():
+    out = subprocess.run([sys.executable, "toy.py", "eval", "--model", "/tmp/nonexist", "--data", "x", "--images", "y"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: --model /tmp/nonexist: no such directory")
+    assert out.stderr.count("\n") == 1

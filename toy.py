@@ -288,6 +288,11 @@ def main(argv=None):
     if a.cmd == "setup":
         make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
     elif a.cmd == "eval":
+        try:
+            for model in a.model:
+                llava_kd.check_checkpoint("model", model, *llava_kd.CHECKPOINT_FLAGS["init"])
+        except data.UserError as e:
+            raise SystemExit(f"error: {e}") from None
         for model, row in zip(a.model, a.row or a.model):
             acc = evaluate(model, a.data, a.images)
             print(f"exact match {acc:.4f} on {a.data} ({model})")
