@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -37,40 +38,82 @@ def _math_dtype(*xs):  # softmax and matrix math in float32 at least (bf16 in ->
     return torch.promote_types(torch.promote_types(xs[0].dtype, xs[1].dtype), torch.float32)
 
 
+_GRADS = weakref.WeakValueDictionary()
+
+
+def _grad_buffer(x):
+    """x's gradient in this backward pass: one buffer shared by every loss term that reads x. The first term
+    to run creates it and returns it to autograd; the others find it (held weakly, by autograd alone), add their
+    rows into it and return None. So L_res, L_vis and L_rel together cost one gradient-sized tensor, not one
+    each; a term whose loss is not backpropagated never runs and adds nothing."""
+    key = (torch._C._current_graph_task_id(), x.data_ptr(), x.shape, x.dtype, x.device)
+    buf = _GRADS.get(key)
+    if buf is not None:
+        return buf, None
+    buf = _GRADS[key] = torch.zeros_like(x)
+    return buf, buf
+
+
+def _runs(rows, n):
+    """Sorted flat row indices -> (start, stop) ranges of at most n consecutive rows: blocks are slices, not
+    gathered copies."""
+    rows, out, start = rows.tolist(), [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1 or i - start == n:
+            out.append((rows[start], rows[i - 1] + 1))
+            start = i
+    return out
+
+
+def _log_softmax_(x, scratch):
+    """x <- log_softmax(x) in place, with scratch (same shape) for the exponentials; returns the log-normaliser."""
+    m = x.amax(-1, keepdim=True)
+    z = torch.exp(x.sub_(m), out=scratch).sum(-1, keepdim=True).log_()
+    x.sub_(z)
+    return (z + m).squeeze(1)
+
+
 class _RowKL(torch.autograd.Function):
     """sum_{rows r} KL(p_t,r || p_s,r), softmax over the shared leading V = min(V_s, V_t) entries.
 
-    Works on blocks of rows and keeps only each row's log-normaliser for backward, which uses the
-    closed form  d KL(p_t || p_s) / d s = p_s - p_t : no [rows, V] tensor outlives its block.
+    Works on blocks of consecutive rows in three float32 work buffers allocated once per call, and keeps only
+    each row's log-normaliser for backward, which uses the closed form  d KL(p_t || p_s) / d s = p_s - p_t.
+    No other [rows, V] tensor is ever made, and the gradient goes into the one buffer of _grad_buffer.
     """
 
     @staticmethod
     def forward(ctx, s, t, rows):
         v, dt = min(s.shape[-1], t.shape[-1]), _math_dtype(s, t)
         s2, t2 = s.reshape(-1, s.shape[-1])[:, :v], t.reshape(-1, t.shape[-1])[:, :v]
+        runs = _runs(rows, max(1, CHUNK // v))
+        a, b, e = (s.new_empty(max([r1 - r0 for r0, r1 in runs], default=0), v, dtype=dt) for _ in range(3))
         total, log_z = torch.zeros((), dtype=dt, device=s.device), []
-        for idx in rows.split(max(1, CHUNK // v)):
-            log_ps, log_pt = s2[idx].to(dt), t2[idx].to(dt)
-            z = torch.stack([log_ps.logsumexp(-1), log_pt.logsumexp(-1)], 1)  # [rows, 2]
-            log_ps -= z[:, :1]
-            log_pt -= z[:, 1:]
-            total += (log_pt.exp() * (log_pt - log_ps)).sum()  # sum_j p_t,j (log p_t,j - log p_s,j)
+        for r0, r1 in runs:
+            x, y, p = a[:r1 - r0], b[:r1 - r0], e[:r1 - r0]
+            z = torch.stack([_log_softmax_(x.copy_(s2[r0:r1]), p), _log_softmax_(y.copy_(t2[r0:r1]), p)], 1)
+            torch.exp(y, out=p)
+            total += x.sub_(y).neg_().mul_(p).sum()  # sum_j p_t,j (log p_t,j - log p_s,j)
             log_z.append(z)
-        ctx.save_for_backward(s, t, rows, torch.cat(log_z) if log_z else s.new_zeros(0, 2, dtype=dt))
+        ctx.runs = runs
+        ctx.save_for_backward(s, t, torch.cat(log_z) if log_z else s.new_zeros(0, 2, dtype=dt))
         return total
 
     @staticmethod
     def backward(ctx, g):
-        s, t, rows, log_z = ctx.saved_tensors
+        s, t, log_z = ctx.saved_tensors
         v, dt = min(s.shape[-1], t.shape[-1]), _math_dtype(s, t)
-        grad = torch.zeros_like(s)
+        grad, out = _grad_buffer(s)
         s2, t2, g2 = (x.reshape(-1, x.shape[-1])[:, :v] for x in (s, t, grad))
-        n = max(1, CHUNK // v)
-        for idx, z in zip(rows.split(n), log_z.split(n)):
-            p_s = (s2[idx].to(dt) - z[:, :1]).exp_()
-            p_t = (t2[idx].to(dt) - z[:, 1:]).exp_()
-            g2[idx] = ((p_s - p_t) * g).to(grad.dtype)
-        return grad, None, None
+        a, b = (s.new_empty(max([r1 - r0 for r0, r1 in ctx.runs], default=0), v, dtype=dt) for _ in range(2))
+        c = a if grad.dtype == dt else torch.empty_like(a, dtype=grad.dtype)  # in the gradient's dtype
+        k = 0
+        for r0, r1 in ctx.runs:
+            z, x, y = log_z[k:k + r1 - r0], a[:r1 - r0], b[:r1 - r0]
+            x.copy_(s2[r0:r1]).sub_(z[:, :1]).exp_()  # p_s
+            y.copy_(t2[r0:r1]).sub_(z[:, 1:]).exp_()  # p_t
+            g2[r0:r1].add_(c[:r1 - r0].copy_(x.sub_(y).mul_(g)))
+            k += r1 - r0
+        return out, None, None
 
 
 def _mean_row_kl(student_logits, teacher_logits, row_mask, num_rows=None):
@@ -100,14 +143,29 @@ def visual_loss(student_logits, teacher_logits, visual_mask, num_rows=None):
     return _mean_row_kl(student_logits, teacher_logits, visual_mask, num_rows)
 
 
-def _gram(x, b, pos, dt):
-    """R = Y Y^T for each sample's Y = x[b_i, pos_i] ([n, K, D] -> [n, K, K]), accumulated over blocks of
-    columns, so that Y itself is never built."""
-    n, K = pos.shape
-    R = x.new_zeros(n, K, K, dtype=dt)
-    w = max(1, CHUNK // (n * K))
+def _visual_rows(b, pos):
+    """(sample, its visual rows) for each sample of a group: a slice when its K tokens are consecutive (one
+    image), so blocks are views, not gathered copies."""
+    K = pos.shape[1]
+    return [(int(bi), slice(int(p[0]), int(p[0]) + K) if int(p[-1] - p[0]) == K - 1 else p) for bi, p in zip(b, pos)]
+
+
+def _visual_columns(x, rows, w, buf):
+    """Y = the visual rows of each sample of a group, [n, K, D], one block of w columns at a time, copied into
+    buf [n, K, w] (float32): yields (column slice, the block). Y itself is never built."""
     for c in range(0, x.shape[-1], w):
-        y = x[b[:, None], pos, c:c + w].to(dt)
+        cols, y = slice(c, min(c + w, x.shape[-1])), buf[:, :, :min(w, x.shape[-1] - c)]
+        for i, (bi, p) in enumerate(rows):
+            y[i].copy_(x[bi, p, cols])
+        yield cols, y
+
+
+def _gram(x, b, pos, dt):
+    """R = Y Y^T for each sample's visual rows Y ([n, K, D] -> [n, K, K]), accumulated over column blocks."""
+    n, K = pos.shape
+    R, w = x.new_zeros(n, K, K, dtype=dt), max(1, CHUNK // (n * K))
+    buf = x.new_empty(n, K, min(w, x.shape[-1]), dtype=dt)
+    for _, y in _visual_columns(x, _visual_rows(b, pos), w, buf):
         R.baddbmm_(y, y.transpose(1, 2))
     return R
 
@@ -149,13 +207,21 @@ class _Relation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (s,) = ctx.saved_tensors
-        grad = torch.zeros_like(s)
+        grad, out = _grad_buffer(s)
         for b, pos, G2 in ctx.groups:
-            w = max(1, CHUNK // pos.numel())
-            for c in range(0, s.shape[-1], w):
-                y = s[b[:, None], pos, c:c + w].to(G2.dtype)
-                grad[b[:, None], pos, c:c + w] = (torch.bmm(G2, y) * g).to(grad.dtype)
-        return grad, None, None
+            n, K = pos.shape
+            w = max(1, CHUNK // (n * K))
+            buf, gy = (s.new_empty(n, K, min(w, s.shape[-1]), dtype=G2.dtype) for _ in range(2))
+            gy_ = gy if grad.dtype == gy.dtype else torch.empty_like(gy, dtype=grad.dtype)  # in the gradient's dtype
+            rows = _visual_rows(b, pos)
+            for cols, y in _visual_columns(s, rows, w, buf):
+                d = gy_[:, :, :y.shape[-1]].copy_(torch.bmm(G2, y, out=gy[:, :, :y.shape[-1]]).mul_(g))
+                for i, (bi, p) in enumerate(rows):  # dL/dY = (G + G^T) Y, into the sample's visual rows
+                    if isinstance(p, slice):
+                        grad[bi, p, cols].add_(d[i])
+                    else:
+                        grad[bi, p, cols] += d[i]
+        return out, None, None
 
 
 # L_rel = 1 - Cos(R_v^s, R_v^t) = 1 - (R_v^s . R_v^t) / (||R_v^s|| ||R_v^t||),   R_v = y_v (x) y_v = Y Y^T

@@ -236,3 +236,42 @@ def test_relation_loss_float32_keeps_precision_when_one_minus_cos_is_small():
     mask = torch.ones(1, 128, dtype=torch.bool)
     ref = rel_ref(s, t, mask)
     assert relation_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_the_terms_share_one_gradient_buffer_and_each_adds_exactly_its_part():
+    """L_res, L_vis and L_rel write into one buffer: the sum of their gradients, whatever else reads the
+    logits (a plain op beside them), whichever terms are backpropagated, over repeated backward passes."""
+    s, t, labels, mask = make(dtype=torch.float64)
+    rows = response_rows(labels)
+    refs = {"res": lambda x: kl_ref(x[rows], t[rows]), "vis": lambda x: kl_ref(x[mask], t[mask]),
+            "rel": lambda x: rel_ref(x, t, mask), "plain": lambda x: (x ** 2).mean()}
+    ours = {"res": lambda x: response_loss(x, t, labels), "vis": lambda x: visual_loss(x, t, mask),
+            "rel": lambda x: relation_loss(x, t, mask), "plain": lambda x: (x ** 2).mean()}
+    for terms in (["res", "vis", "rel"], ["res", "plain", "vis"], ["vis", "rel"], ["plain", "rel", "res"]):
+        want = torch.autograd.grad(sum(refs[k](s) for k in terms), s)[0]
+        s.grad = None
+        logged = ours["vis"](s).detach()  # computed, not backpropagated: adds nothing
+        sum(ours[k](s) for k in terms).backward()
+        torch.testing.assert_close(s.grad, want, rtol=1e-9, atol=1e-12)
+    s.grad = None
+    loss = response_loss(s, t, labels) + relation_loss(s, t, mask)
+    loss.backward(retain_graph=True)
+    loss.backward()  # a second pass accumulates, as for any op
+    want = torch.autograd.grad(refs["res"](s) + refs["rel"](s), s)[0]
+    torch.testing.assert_close(s.grad, 2 * want, rtol=1e-9, atol=1e-12)
+    assert logged >= 0
+
+
+def test_shared_buffer_on_logits_that_come_from_a_layer():
+    s, t, labels, mask = make(dtype=torch.float64, grad=False)
+    h = torch.randn(*s.shape[:2], 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, s.shape[-1], dtype=torch.float64)
+    rows = response_rows(labels)
+    (response_loss(h @ w, t, labels) + visual_loss(h @ w, t, mask) + relation_loss(h @ w, t, mask)).backward()
+    x = h @ w
+    want = torch.autograd.grad(kl_ref(x[rows], t[rows]) + kl_ref(x[mask], t[mask]) + rel_ref(x, t, mask), h)[0]
+    torch.testing.assert_close(h.grad, want, rtol=1e-9, atol=1e-12)
+    h.grad = None
+    x = h @ w  # one logits tensor read by all three, as in the training loop
+    (response_loss(x, t, labels) + visual_loss(x, t, mask) + relation_loss(x, t, mask)).backward()
+    torch.testing.assert_close(h.grad, want, rtol=1e-9, atol=1e-12)
