@@ -181,6 +181,17 @@ def _visual_groups(visual_mask):
         yield b, visual_mask[b].nonzero()[:, 1].view(len(bs), k)
 
 
+def _one_minus_cos(R_s, R_t):
+    """sum over the samples of 1 - cos(vec R_s, vec R_t), and G + G^T with G = d(1 - cos)/dR_s ([n, K, K])."""
+    # the K*K-term sums in float64: 1 - cos is small, and fp32 sums lose its leading digits
+    ss, tt, st = (torch.sum(x * y, (1, 2), dtype=torch.float64) for x, y in ((R_s, R_s), (R_t, R_t), (R_s, R_t)))
+    norm = (ss * tt).sqrt().clamp_min(1e-16)  # |R_s| |R_t|, clamped as F.cosine_similarity does
+    cos = st / norm
+    norm_, cos_, ss_ = norm[:, None, None], cos[:, None, None], ss[:, None, None]
+    G = -(R_t / norm_ - cos_ * R_s / ss_.clamp_min(1e-16)).to(R_s.dtype)
+    return (1 - cos).sum().to(R_s.dtype), G + G.transpose(1, 2)
+
+
 class _Relation(torch.autograd.Function):
     """sum over samples with visual tokens of 1 - cos(vec R_s, vec R_t), R = Y Y^T of their visual rows.
 
@@ -192,15 +203,9 @@ class _Relation(torch.autograd.Function):
         dt = _math_dtype(s, t)
         total, ctx.groups = torch.zeros((), dtype=dt, device=s.device), []
         for b, pos in _visual_groups(visual_mask):
-            R_s, R_t = _gram(s, b, pos, dt), _gram(t, b, pos, dt)
-            # the K*K-term sums in float64: 1 - cos is small, and fp32 sums lose its leading digits
-            ss, tt, st = (torch.sum(x * y, (1, 2), dtype=torch.float64) for x, y in ((R_s, R_s), (R_t, R_t), (R_s, R_t)))
-            norm = (ss * tt).sqrt().clamp_min(1e-16)  # |R_s| |R_t|, clamped as F.cosine_similarity does
-            cos = st / norm
-            total += (1 - cos).sum().to(dt)
-            norm, cos, ss = norm[:, None, None], cos[:, None, None], ss[:, None, None]
-            G = -(R_t / norm - cos * R_s / ss.clamp_min(1e-16)).to(dt)  # d(1 - cos) / dR_s, per sample
-            ctx.groups.append((b, pos, G + G.transpose(1, 2)))
+            loss, G2 = _one_minus_cos(_gram(s, b, pos, dt), _gram(t, b, pos, dt))
+            total += loss
+            ctx.groups.append((b, pos, G2))
         ctx.save_for_backward(s)
         return total
 
@@ -258,6 +263,96 @@ def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0,
         L_rel = relation_loss(s, teacher_logits[..., :v], visual_mask, counts[2])
     loss = alpha * L_res + beta * L_vis + gamma * L_rel
     return loss, {"L_res": L_res.detach(), "L_vis": L_vis.detach(), "L_rel": L_rel.detach()}
+
+
+# The same sum, as the training loop computes it: from each model's last hidden states h [B, T, D] and head
+# weight W [V, D] (logits = h W^T), building logits one block of rows (L_reg, L_res, L_vis) or of vocabulary
+# columns (L_rel: R = Y Y^T = sum over column blocks c of (H W_c^T)(H W_c^T)^T) at a time. Neither model's
+# [B, T, V] logits ever exist, the prompt rows are never projected, and every term's gradient lands in one
+# place: h_s's and W_s's. Equal to next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T), in value and
+# gradient (tested). Without a teacher (h_t None) it is L_reg alone. Returns (loss, terms), as distill_loss.
+def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0, beta=1.0, gamma=0.5,
+               counts=(None, None, None)):
+    reg = response_rows(labels)
+    vis = visual_mask if (h_t is not None and beta) else torch.zeros_like(reg)
+    rel = visual_mask if (h_t is not None and gamma) else torch.zeros_like(reg)
+    n = [max(c or int(m.sum()), 1) for c, m in zip(counts, (reg, vis, rel.any(1)))]
+    loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, labels, reg, vis, rel, alpha if h_t is not None else 0.0, beta,
+                               gamma, *n)
+    names = ("L_reg", "L_res", "L_vis", "L_rel") if h_t is not None else ("L_reg",)
+    return loss, dict(zip(names, terms))
+
+
+class _Fused(torch.autograd.Function):
+    """fused_loss's sum, with its gradients for h_s and W_s computed in the forward pass, block by block
+    (the backward only scales them): no [rows, V] tensor outlives its block."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, reg, vis, rel, alpha, beta, gamma, n_reg, n_vis, n_img):
+        dt, dev, teacher = torch.float32 if h_s.dtype != torch.float64 else h_s.dtype, h_s.device, h_t is not None
+        w_, w32 = w_s.to(h_s.dtype), w_s.to(dt)  # logits in the hidden states' dtype (bf16 under autocast)
+        wt_ = w_t.to(h_t.dtype) if teacher else None
+        v = min(w_s.shape[0], w_t.shape[0]) if teacher else w_s.shape[0]
+        g_h = torch.zeros_like(h_s, dtype=dt)
+        g_w = torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # L_reg, L_res, L_vis, L_rel before averaging
+        flat = lambda x: x.reshape(-1, x.shape[-1])
+        rows = (reg | vis).reshape(-1).nonzero().squeeze(1)
+        target = torch.cat([labels[:, 1:], labels[:, :1]], 1).reshape(-1)  # the token each row predicts
+        c_reg, c_kd = reg.reshape(-1).to(dt) / n_reg, alpha * reg.reshape(-1).to(dt) / n_reg + beta * vis.reshape(-1).to(dt) / n_vis
+        for idx in rows.split(max(1, CHUNK // w_s.shape[0])):
+            hs = flat(h_s)[idx]
+            s = (hs @ w_.T).to(dt)  # [k, V_s]: this block's student logits
+            log_p = s.log_softmax(-1)
+            r = reg.reshape(-1)[idx]
+            nll = -log_p[r].gather(1, target[idx][r, None]).squeeze(1)  # L_reg: cross-entropy on the full vocabulary
+            sums[0] += nll.sum()
+            grad = log_p.exp() * c_reg[idx, None]  # d L_reg / d s = (softmax - onehot) / n
+            grad[r.nonzero().squeeze(1), target[idx][r]] -= c_reg[idx][r]
+            if teacher:
+                lp_s = s[:, :v].log_softmax(-1)
+                lp_t = (flat(h_t)[idx] @ wt_.T).to(dt)[:, :v].log_softmax(-1)
+                kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)  # KL(p_t || p_s) per row, on the shared vocabulary
+                sums[1] += kl[r].sum() * (alpha != 0)
+                sums[2] += kl[vis.reshape(-1)[idx]].sum()
+                grad[:, :v] += (lp_s.exp() - lp_t.exp()) * c_kd[idx, None]  # d KL / d s = p_s - p_t
+            flat(g_h)[idx] = grad @ w32
+            if g_w is not None:
+                g_w += grad.T @ hs.to(dt)
+        if teacher and gamma:  # L_rel, per group of samples with the same number K of visual tokens
+            for b, pos in _visual_groups(rel):
+                rows_ = _visual_rows(b, pos)
+                H_s = torch.stack([h_s[i, p] for i, p in rows_]).to(dt)  # [n, K, D]: small (hidden, not logits)
+                H_t = torch.stack([h_t[i, p] for i, p in rows_]).to(dt)
+                w = max(1, CHUNK // H_s[..., 0].numel())
+                cols = [slice(c, min(c + w, v)) for c in range(0, v, w)]
+                R_s, R_t = (H.new_zeros(H.shape[0], H.shape[1], H.shape[1]) for H in (H_s, H_t))
+                for c in cols:
+                    for R, H, W in ((R_s, H_s, w_s), (R_t, H_t, w_t)):
+                        y = H @ W[c].T.to(dt)
+                        R.baddbmm_(y, y.transpose(1, 2))
+                loss, G2 = _one_minus_cos(R_s, R_t)
+                sums[3] += loss
+                G2 = G2 * (gamma / n_img)
+                g_H = torch.zeros_like(H_s)
+                for c in cols:  # dL/dY = (G + G^T) Y,  dY/dH = W_c,  dY/dW_c = H
+                    W = w_s[c].to(dt)
+                    d_y = G2 @ (H_s @ W.T)
+                    g_H += d_y @ W
+                    if g_w is not None:
+                        g_w[c] += d_y.flatten(0, 1).T @ H_s.flatten(0, 1)
+                for (i, p), g in zip(rows_, g_H):
+                    g_h[i, p] += g
+        terms = sums.to(dt) / torch.tensor([n_reg, n_reg, n_vis, n_img], dtype=dt, device=dev)
+        ctx.grads = (g_h.to(h_s.dtype), None if g_w is None else g_w.to(w_s.dtype))
+        loss = terms[0] + alpha * terms[1] + beta * terms[2] + gamma * terms[3]
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, g, _):
+        g_h, g_w = ctx.grads
+        return g_h * g.to(g_h.dtype), None if g_w is None else g_w * g.to(g_w.dtype), *[None] * 12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,9 +592,10 @@ def vision_features(model, pixel_values):
     return hidden[:, 1:] if c.vision_feature_select_strategy == "default" else hidden
 
 
-def llava_logits(model, input_ids, attention_mask, z_v):
-    """LLaVA's forward from Z_v: H_v = projector(Z_v) is written on the image-token positions of the
-    text embeddings, then the LLM runs. Returns the logits [B, T, V]."""
+def llava_hidden(model, input_ids, attention_mask, z_v):
+    """LLaVA's forward from Z_v up to the LLM's last hidden states [B, T, D]: H_v = projector(Z_v) is written on
+    the image-token positions of the text embeddings, then the LLM runs. The head (logits = h W^T) is left to
+    the loss, which applies it block by block."""
     embeds = model.get_input_embeddings()(input_ids)
     if z_v is not None:
         mask = input_ids == model.config.image_token_id
@@ -508,7 +604,12 @@ def llava_logits(model, input_ids, attention_mask, z_v):
             raise ValueError(f"{int(mask.sum())} image tokens in the batch for {h_v.shape[0]} x {h_v.shape[1]} "
                              f"visual features")
         embeds = embeds.masked_scatter(mask[..., None], h_v.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    return model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+
+def llava_logits(model, input_ids, attention_mask, z_v):
+    """The logits [B, T, V] of the same forward (the tests compare them with the stock model's)."""
+    return model.lm_head(llava_hidden(model, input_ids, attention_mask, z_v))
 
 
 def save_checkpoint_files(model, processor, out):
@@ -519,30 +620,30 @@ def save_checkpoint_files(model, processor, out):
 # ------------------------------------------------------------------------------------------------
 # Training: one plain loop for all four stages (nanoGPT-style), single process or torchrun + DDP.
 class _Student(torch.nn.Module):
-    """What DDP wraps: the student from Z_v (computed once, shared with the teacher) to logits."""
+    """What DDP wraps: the student from Z_v (computed once, shared with the teacher) to its loss, so that every
+    parameter the loss reaches (the head too: fused_loss applies it) is in DDP's forward."""
 
     def __init__(self, llava):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, attention_mask, z_v):
-        return llava_logits(self.llava, input_ids, attention_mask, z_v)
+    def forward(self, input_ids, attention_mask, z_v, labels, h_t=None, w_t=None, weights=(1.0, 1.0, 0.5),
+                counts=(None, None, None)):
+        h_s = llava_hidden(self.llava, input_ids, attention_mask, z_v)
+        visual_mask = input_ids == self.llava.config.image_token_id
+        return fused_loss(h_s, self.llava.lm_head.weight, labels, visual_mask, h_t, w_t, *weights, counts=counts)
 
 
 def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5), counts=(None, None, None)):
     """One micro-batch's loss: L_reg in pt/sft; L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel
-    with a teacher (dpt/dft). student runs the student (_Student, or DDP around it); model is its LLaVA."""
+    with a teacher (dpt/dft). student runs the student (_Student, or DDP around it); model is its LLaVA. The
+    teacher gives its last hidden states and head weight only: fused_loss builds its logits block by block."""
     with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
         z_v = vision_features(model, b["pixel_values"]) if b["pixel_values"] is not None else None
-    logits = student(b["input_ids"], b["attention_mask"], z_v)
-    L_reg = next_token_loss(logits, b["labels"], counts[0])
-    if teacher is None:
-        return L_reg, {"L_reg": L_reg.detach()}
-    with torch.no_grad():
-        t_logits = llava_logits(teacher, b["input_ids"], b["attention_mask"], z_v)
-    visual_mask = b["input_ids"] == model.config.image_token_id
-    L_kd, terms = distill_loss(logits, t_logits, b["labels"], visual_mask, *weights, counts=counts)
-    return L_reg + L_kd, {"L_reg": L_reg.detach(), **terms}
+        h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v) if teacher is not None else None
+    w_t = teacher.lm_head.weight if teacher is not None else None
+    loss, terms = student(b["input_ids"], b["attention_mask"], z_v, b["labels"], h_t, w_t, weights, counts)
+    return loss, {k: v.detach() for k, v in terms.items()}
 
 
 def lr_at(step, total, peak, warmup_ratio=0.03):

@@ -275,3 +275,40 @@ def test_shared_buffer_on_logits_that_come_from_a_layer():
     x = h @ w  # one logits tensor read by all three, as in the training loop
     (response_loss(x, t, labels) + visual_loss(x, t, mask) + relation_loss(x, t, mask)).backward()
     torch.testing.assert_close(h.grad, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("Vs,Vt,dtype", [(50, 50, torch.float64), (50, 64, torch.float64), (64, 50, torch.float32),
+                                         (50, 50, torch.bfloat16)])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.5), (0.0, 1.0, 0.0), (1.0, 0.0, 1.0)])
+def test_fused_loss_from_hidden_states_equals_the_logits_spec(Vs, Vt, dtype, weights, monkeypatch):
+    """fused_loss(h_s, W_s, ..., h_t, W_t) = next_token_loss + distill_loss on h W^T: values and the
+    gradients of h_s and W_s; text-only rows, samples without visual tokens, mismatched vocabularies."""
+    monkeypatch.setattr(llava_kd, "CHUNK", 97)  # many blocks of rows and of columns
+    _, _, labels, mask = make(V=min(Vs, Vt), n_vis=(5, 0, 7))
+    g = torch.Generator().manual_seed(1)
+    h_s = torch.randn(3, 20, 8, generator=g).to(dtype).requires_grad_()
+    w_s = (torch.randn(Vs, 8, generator=g) / 2).to(dtype).requires_grad_()
+    h_t, w_t = torch.randn(3, 20, 12, generator=g).to(dtype), (torch.randn(Vt, 12, generator=g) / 2).to(dtype)
+    loss, terms = llava_kd.fused_loss(h_s, w_s, labels, mask, h_t, w_t, *weights)
+    gh, gw = torch.autograd.grad(loss, (h_s, w_s))
+    s, t = (h_s.double() @ w_s.double().T), (h_t.double() @ w_t.double().T)
+    ref_terms = llava_kd.distill_loss(s, t, labels, mask, *weights)[1]
+    ref = llava_kd.next_token_loss(s, labels) + llava_kd.distill_loss(s, t, labels, mask, *weights)[0]
+    rh, rw = torch.autograd.grad(ref, (h_s, w_s))
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    for k, v in ref_terms.items():
+        torch.testing.assert_close(terms[k].double(), v.double(), **tol)
+    torch.testing.assert_close(gh.double(), rh.double(), **tol)
+    torch.testing.assert_close(gw.double(), rw.double(), **tol)
+
+
+def test_fused_loss_without_teacher_is_next_token_loss():
+    _, _, labels, _ = make(V=40)
+    h, w = torch.randn(3, 20, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    loss, terms = llava_kd.fused_loss(h, w, labels)
+    ref = llava_kd.next_token_loss(h @ w.T, labels)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b)
+    assert list(terms) == ["L_reg"]
