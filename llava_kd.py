@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import resource
 import shutil
 import time
 import weakref
@@ -742,7 +743,8 @@ def train(a):
     model.to(device)
     model.config.use_cache = False
     if a.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.x renames gradient_checkpointing_enable (kept as a deprecated alias)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # text-only micro-batches leave the projector unused: DDP must then look for unused parameters
@@ -825,7 +827,9 @@ def train(a):
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if master:
             rec = dict(zip(("loss", "L_reg", "L_res", "L_vis", "L_rel"), logged.tolist()))
-            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0))
+            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0),
+                       seconds=time.time() - t0, peak_gib=(torch.cuda.max_memory_allocated(device) if cuda else
+                                                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import llava_kd
+from toy import real_ids_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,23 +33,6 @@ VICUNA_TEMPLATE = (
     "USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: {{ message['content'] }} {% else %}"
     "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-
-
-def real_ids_tokenizer(texts, n_regular, specials, added=(), first=(), **kw):
-    """A byte-level BPE trained on texts, with the real checkpoints' special token ids: `first` at 0, 1, ...
-    (Llama's <unk> <s> </s>), its vocabulary filled up to n_regular entries, then `specials` and `added`."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    spec = json.loads(tk.to_str())
-    vocab = {t: i for i, t in enumerate(first)}
-    vocab.update({t: i + len(first) for t, i in spec["model"]["vocab"].items()})
-    vocab.update({f"<filler_{i}>": i for i in range(len(vocab), n_regular)})
-    spec["model"]["vocab"] = vocab
-    tk = Tokenizer.from_str(json.dumps(spec))
-    tk.add_special_tokens(list(first) + list(specials) + list(added))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
 
 
 def tiny_llm(cls, cfg_cls, vocab, tied, tok, **kw):

@@ -63,7 +63,7 @@ def _caption(scene):
     return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}" for o in scene) + "."
 
 
-def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=1200, n_teacher_sft=6000, n_test=300, n_text=6000, px=32):
+def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=1200, n_teacher_sft=4000, n_test=600, n_text=6000, px=32):
     """Writes out/images/*.png and out/{pretrain,sft,teacher_sft,test}.json (LLaVA format), each split on images
     of its own, and out/text.json: text-only documents (captions; a scene described in words, then a question
     about it and its answer) that the toy LLMs are pretrained on, so that they know the toy language before
@@ -121,6 +121,24 @@ def toy_tokenizer(texts):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
                                                 pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+def real_ids_tokenizer(texts, n_regular, specials, added=(), first=(), **kw):
+    """A byte-level BPE trained on texts, with the real checkpoints' special token ids: `first` at 0, 1, ...
+    (Llama's <unk> <s> </s>), its vocabulary filled up to n_regular entries, then `specials` and `added`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tk.to_str())
+    vocab = {t: i for i, t in enumerate(first)}
+    vocab.update({t: i + len(first) for t, i in spec["model"]["vocab"].items()})
+    vocab.update({f"<filler_{i}>": i for i in range(len(vocab), n_regular)})
+    spec["model"]["vocab"] = vocab
+    tk = Tokenizer.from_str(json.dumps(spec))
+    tk.add_special_tokens(list(first) + list(specials) + list(added))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
 
 
 TOY_LLMS = {  # teacher clearly larger than student; vocabulary sizes padded differently, as in real pairs

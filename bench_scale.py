@@ -1,0 +1,105 @@
+"""Peak memory and seconds a step of each stage at the paper's widths, through `llava_kd.py train`.
+
+    python bench_scale.py [--layers 2] [--batch 2] [--steps 1] [--stages sft dpt dft] [--dir DIR]
+
+Models are built from configs with the real widths and vocabulary (nothing downloaded; random weights, depth cut
+to --layers): vision SigLIP-so400m-patch14-384 (1152 wide, 384px, 729 visual tokens), teacher LLM Qwen1.5-4B
+(2560 wide, untied head), student LLM Qwen1.5-0.5B (1024 wide, tied), vocabulary 151936 with Qwen's special ids.
+Each sample: one 384px image and ~750 text tokens (~1,500 tokens). Peak memory is the training process's
+peak RSS on a CPU (float32) and torch.cuda.max_memory_allocated on a GPU (bf16 autocast, teacher in bf16), as
+`llava_kd.py train` logs it. The check printed last: peak(dft) <= peak(sft) + the teacher's parameter bytes +
+0.25 x the student's float32 logits of one micro-batch.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import torch
+import transformers
+from PIL import Image
+
+import llava_kd
+import toy
+
+VISION = dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
+LLMS = {"teacher_llm": dict(hidden_size=2560, intermediate_size=6912, num_attention_heads=20, num_key_value_heads=20,
+                            tie_word_embeddings=False),
+        "student_llm": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                            tie_word_embeddings=True)}
+V = 151936
+
+
+def setup(d, layers, n_samples, text_tokens):
+    """Checkpoints and data in d: vision/, student_llm/, teacher/ (a LLaVA), student/ (a LLaVA), data.json, images/."""
+    words = [w for c in toy.COLOURS for w in (c,)] + list(toy.SHAPES) + list(toy.SIZES) + ["the", "and", "is", "in"]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
+    tok = toy.real_ids_tokenizer(texts, 151643, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                 eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=toy.CHATML)
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(transformers.SiglipVisionConfig(num_hidden_layers=layers, **VISION)).save_pretrained(f"{d}/vision")
+    transformers.SiglipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(f"{d}/vision")
+    for name, c in LLMS.items():
+        cfg = transformers.Qwen2Config(vocab_size=V, num_hidden_layers=layers, max_position_embeddings=4096,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **c)
+        transformers.Qwen2ForCausalLM(cfg).save_pretrained(f"{d}/{name}")
+        tok.save_pretrained(f"{d}/{name}")
+    for name, llm in (("teacher", "teacher_llm"), ("student", "student_llm")):
+        llava_kd.save_checkpoint_files(*llava_kd.build_student(f"{d}/vision", f"{d}/{llm}"), f"{d}/{name}")
+    os.makedirs(f"{d}/images", exist_ok=True)
+    rows = []
+    for i in range(n_samples):
+        Image.new("RGB", (384, 384), tuple(rng.randrange(256) for _ in range(3))).save(f"{d}/images/{i}.png")
+        answer = " ".join(rng.choice(words) for _ in range(text_tokens))  # about one token a word
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image in detail."}, {"from": "gpt", "value": answer}]})
+    json.dump(rows, open(f"{d}/data.json", "w"))
+    return sum(p.numel() * 2 if torch.cuda.is_available() else p.numel() * 4  # the teacher in bf16 on a GPU
+               for p in transformers.LlavaForConditionalGeneration.from_pretrained(f"{d}/teacher").parameters())
+
+
+def run(d, stage, batch, steps):
+    extra = {"sft": ["--init", f"{d}/student"], "dft": ["--init", f"{d}/student", "--teacher", f"{d}/teacher"],
+             "dpt": ["--init", f"{d}/student", "--teacher", f"{d}/teacher"], "pt": ["--init", f"{d}/student"]}[stage]
+    out = f"{d}/out-{stage}"
+    cmd = [sys.executable, "llava_kd.py", "train", "--stage", stage, "--data", f"{d}/data.json", "--images",
+           f"{d}/images", "--out", out, "--batch_size", str(batch), "--global_batch_size", str(batch), "--max_steps",
+           str(steps), "--max_length", "2048", "--workers", "0", "--grad_checkpointing", "--save_every", "0", *extra]
+    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
+    log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
+    return max(r["peak_gib"] for r in log), min(r["seconds"] for r in log), log[-1]["tokens_per_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="layers of each model (the widths are the real ones)")
+    ap.add_argument("--batch", type=int, default=2, help="samples per micro-batch")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--text_tokens", type=int, default=750)
+    ap.add_argument("--stages", nargs="+", default=["sft", "dpt", "dft"])
+    ap.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
+    a = ap.parse_args()
+    d = a.dir or tempfile.mkdtemp()
+    teacher_bytes = setup(d, a.layers, a.batch, a.text_tokens)
+    tokens = 729 + a.text_tokens + 20
+    logits = a.batch * tokens * V * 4
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{device}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; teacher parameters "
+          f"{teacher_bytes / 2 ** 30:.2f} GiB; student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB")
+    peak = {}
+    for stage in a.stages:
+        peak[stage], seconds, tps = run(d, stage, a.batch, a.steps)
+        print(f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   {tps:8.0f} tokens/s")
+    if "sft" in peak and "dft" in peak:
+        budget = peak["sft"] + (teacher_bytes + 0.25 * logits) / 2 ** 30
+        print(f"dft - sft = {peak['dft'] - peak['sft']:.2f} GiB = teacher parameters + "
+              f"{(peak['dft'] - peak['sft'] - teacher_bytes / 2 ** 30) * 2 ** 30 / logits:.2f} x the student's float32 "
+              f"logits (target <= 0.25: peak(dft) <= {budget:.2f} GiB) -> {'met' if peak['dft'] <= budget else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
