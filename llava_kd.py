@@ -32,7 +32,7 @@ import data
 # logits are [B, T, V]; labels [B, T] with -100 on every position that is not an answer;
 # visual_mask [B, T] bool, True at the image-token positions (input_ids == image_token_id).
 
-CHUNK = 2 ** 22  # elements of a float32 [rows, V] block worked on at once: bounds the losses' peak memory
+CHUNK = 2 ** 21  # elements of a float32 [rows, V] block worked on at once: bounds the losses' peak memory
 
 
 def _math_dtype(*xs):  # softmax and matrix math in float32 at least (bf16 in -> fp32; fp64 stays fp64)
