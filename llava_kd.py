@@ -33,6 +33,8 @@ import data
 # visual_mask [B, T] bool, True at the image-token positions (input_ids == image_token_id).
 
 CHUNK = 2 ** 21  # elements of a float32 [rows, V] block worked on at once: bounds the losses' peak memory
+FUSED_CHUNK = 2 ** 24  # the same for fused_loss, larger: each of its blocks reads both heads' weights and
+# adds into the head's gradient, so its time grows with the number of blocks (64 MB: ~110 rows at V=151936)
 
 
 def _math_dtype(*xs):  # softmax and matrix math in float32 at least (bf16 in -> fp32; fp64 stays fp64)
@@ -301,7 +303,7 @@ class _Fused(torch.autograd.Function):
         rows = (reg | vis).reshape(-1).nonzero().squeeze(1)
         target = torch.cat([labels[:, 1:], labels[:, :1]], 1).reshape(-1)  # the token each row predicts
         c_reg, c_kd = reg.reshape(-1).to(dt) / n_reg, alpha * reg.reshape(-1).to(dt) / n_reg + beta * vis.reshape(-1).to(dt) / n_vis
-        for idx in rows.split(max(1, CHUNK // w_s.shape[0])):
+        for idx in rows.split(max(1, FUSED_CHUNK // w_s.shape[0])):
             hs = flat(h_s)[idx]
             s = (hs @ w_.T).to(dt)  # [k, V_s]: this block's student logits
             log_p = s.log_softmax(-1)
