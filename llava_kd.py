@@ -338,6 +338,8 @@ class _Fused(torch.autograd.Function):
                 sums[3] += loss
                 G2 = G2 * (gamma / n_img)
                 g_H = torch.zeros_like(H_s)
+                # a second pass over the column blocks, recomputing Y_c: G needs all of R first, and keeping
+                # every Y_c would be the visual rows' whole logits
                 for c in cols:  # dL/dY = (G + G^T) Y,  dY/dH = W_c,  dY/dW_c = H
                     W = w_s[c].to(dt)
                     d_y = G2 @ (H_s @ W.T)
