@@ -87,6 +87,12 @@ def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=1200, n_teacher_sft=4000, 
                     {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
                 continue
             scene, name = sample(split, i)
+            if split == "teacher_sft" and i % 10 == 4:  # the teacher's mix keeps brief captions (as LLaVA-1.5's
+                # has TextCaps): without them its SFT forgets the captions that DPT distils
+                rows[split].append({"id": f"{split}_{i}", "image": name, "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                    {"from": "gpt", "value": _caption(scene)}]})
+                continue
             qa = rng.sample(_toy_questions(scene), rng.randint(1, 3) if split != "test" else 1)
             conv = []
             for j, (q, a) in enumerate(qa):
