@@ -67,7 +67,8 @@ def make_toy_data(out, seed=0, n_pretrain=1600, n_sft=1200, n_teacher_sft=4000, 
     """Writes out/images/*.png and out/{pretrain,sft,teacher_sft,test}.json (LLaVA format), each split on images
     of its own, and out/text.json: text-only documents (captions; a scene described in words, then a question
     about it and its answer) that the toy LLMs are pretrained on, so that they know the toy language before
-    the multimodal stages, as Qwen does. Returns the texts seen, for training a tokenizer."""
+    the multimodal stages (its words; answering from a scene in context they barely learn: see the README).
+    teacher_sft.json keeps a brief caption every 10th row. Returns the texts seen, for training a tokenizer."""
     rng, texts = random.Random(seed), []
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     def sample(split, i):

@@ -57,7 +57,7 @@ fi
 OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
 TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-3}; TOY_TEACHER_EPOCHS=${TOY_TEACHER_EPOCHS:-3}
 # sft/dft: global batch 8 (450 steps): at 32 (111 steps, lr 2e-3) the students stayed at the question-only prior
-# the teacher at 5e-4: at 2e-3 its SFT forgot the captions that DPT distils (also why its mix keeps captions)
+# the teacher at 5e-4: at 2e-3 its SFT forgot the captions that DPT distils (its mix also keeps some captions)
 TOY_SFT_LR=${TOY_SFT_LR:-1e-3}; TOY_TEACHER_LR=${TOY_TEACHER_LR:-5e-4}
 TOY_STEPS=${TOY_STEPS:-}; STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}  # TOY_STEPS, TOY_QUICK: the tests
 COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
@@ -66,7 +66,7 @@ SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_s
 START=$(date +%s)
 rm -rf "$OUT"; mkdir -p "$OUT"
 python toy.py setup --out "$T" ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
-# the teacher, once for every seed: PT -> SFT on more QA rows than a student ever sees (teacher_sft.json)
+# the teacher, once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
 $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
 $RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
   --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
