@@ -885,7 +885,11 @@ def main(argv=None):
     try:
         train(a)
     except data.UserError as e:  # the user's to fix: the message alone, once (every rank stops on it), exit 1
-        raise SystemExit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":  # rank 0 says it: torchrun stops every rank as soon as one exits, so this one waits for
+            time.sleep(60)  # rank 0 to say it and be killed; it speaks only if rank 0 did not fail (another node)
+            raise SystemExit(f"error (rank {rank}): {e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
