@@ -160,16 +160,18 @@ def pixel_batch(scenes, processor, px):
 
 def train_vision(tower, processor, px, steps, layer=-2, batch=64, seed=0):
     """Trains the toy SigLIP before it is frozen, as SigLIP is pretrained: every patch token of the layer LLaVA
-    reads predicts what is in its quadrant (shape, colour, size, or nothing)."""
+    reads predicts what is in its quadrant (shape, colour, size, or nothing) and which quadrant it is in (real
+    SigLIP features keep where a patch is: LLaVA answers "where" questions from them)."""
     rng, grid = random.Random(seed + 1), tower.config.image_size // tower.config.patch_size
-    names = [("none",) + SHAPES, ("none",) + tuple(COLOURS), ("none",) + SIZES]
+    names = [("none",) + SHAPES, ("none",) + tuple(COLOURS), ("none",) + SIZES, PLACES]
     head = torch.nn.Linear(tower.config.hidden_size, sum(map(len, names)))
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=2e-3)
     quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
     for step in range(steps):
         scenes = [_toy_scene(rng) for _ in range(batch)]
         target = torch.tensor([[[n.index(o[k]) if o else 0 for n, k in zip(names, ("shape", "colour", "size"))]
-                                for o in ({x["place"]: x for x in s}.get(q) for q in quadrant)] for s in scenes])
+                                + [PLACES.index(q)] for q, o in ((q, {x["place"]: x for x in s}.get(q)) for q in quadrant)]
+                               for s in scenes])
         h = tower(pixel_batch(scenes, processor, px), output_hidden_states=True).hidden_states[layer]
         logits = head(h).split([len(n) for n in names], -1)
         loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), target[..., i].flatten())

@@ -63,26 +63,57 @@ TOY_STEPS=${TOY_STEPS:-}; STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}  # TOY_STEPS
 COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 16 --global_batch_size 32 $COMMON"
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
+EVAL="python toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)
-rm -rf "$OUT"; mkdir -p "$OUT"
+rm -rf "$OUT"; mkdir -p "$OUT/logs"
 python toy.py setup --out "$T" ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
-# the teacher, once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
-$RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
-$RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
-  --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
-EVAL="python toy.py eval --data $T/data/test.json --images $T/data/images --results $OUT/results.jsonl"
-python toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/results.jsonl
-$EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT"
-for s in $SEEDS; do
-  S=$OUT/seed$s; K="--teacher $OUT/teacher-pt-sft"
+
+teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
+  $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
+  $RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
+    --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
+  python toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
+  $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
+}
+baseline() {  # a student's stages without the teacher
+  local s=$1 S=$OUT/seed$1
   $RUN --stage pt  $PT  --seed $s --vision $T/vision --llm $T/student_llm --out $S/pt
   $RUN --stage sft $SFT --seed $s --init $S/pt --out $S/pt-sft
-  $RUN --stage dft $SFT --seed $s --init $S/pt-sft $K --out $S/pt-sft-dft
   $RUN --stage sft $SFT --seed $s --init $S/pt-sft --out $S/pt-sft-sft
+}
+distilled() {  # a student's stages with the teacher, then the eval of all five
+  local s=$1 S=$OUT/seed$1 K="--teacher $OUT/teacher-pt-sft"
+  $RUN --stage dft $SFT --seed $s --init $S/pt-sft $K --out $S/pt-sft-dft
   $RUN --stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
   $RUN --stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
   $RUN --stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
-  $EVAL --seed $s --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft --row "student PT-SFT" \
-    "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" "student PT-SFT-SFT (no teacher)"
-done
+  $EVAL --seed $s --results $S/results.jsonl --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft \
+    --row "student PT-SFT" "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" \
+    "student PT-SFT-SFT (no teacher)"
+}
+# Every process trains on one thread (torchrun's default), so independent chains run side by side: first the
+# teacher and each seed's baseline, then, once the teacher is there, each seed's distilled stages.
+# Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its log's end.
+stop() { local c; for c in $(pgrep -P "$1"); do stop "$c"; done; kill "$1" 2>/dev/null || true; }
+parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
+  local pids=() names=() i
+  for job in "$@"; do
+    names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${job// /}.log" 2>&1 & pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then
+      echo "done: ${names[$i]} at $(( $(date +%s) - START )) s"
+    else
+      for p in "${pids[@]}"; do stop "$p"; done
+      tail -n 20 "$OUT/logs/${names[$i]}.log" >&2
+      echo "error: the toy recipe's ${names[$i]} stages failed; the whole log: $OUT/logs/${names[$i]}.log" >&2
+      exit 1
+    fi
+  done
+}
+jobs=("teacher"); for s in $SEEDS; do jobs+=("baseline $s"); done
+parallel "${jobs[@]}"
+jobs=(); for s in $SEEDS; do jobs+=("distilled $s"); done
+parallel "${jobs[@]}"
+cat $OUT/teacher-results.jsonl $(for s in $SEEDS; do echo $OUT/seed$s/results.jsonl; done) > $OUT/results.jsonl
 python toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
