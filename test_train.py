@@ -47,8 +47,10 @@ def test_two_processes_end_with_the_weights_of_one(toy, ckpts, tmp_path):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     one, two, start = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(ckpts / "student")
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4  # training moved the weights
+    # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8 the rounding of
+    # another summation order reaches the update (3e-6 seen after 3 steps); a data-parallel bug moves weights ~lr
     for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(one[k], two[k], rtol=0, atol=1e-5, msg=k)
     logs = [[json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
     for a, b in zip(*logs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["L_vis"] == pytest.approx(b["L_vis"], rel=1e-5)
