@@ -167,11 +167,13 @@ def train_vision(tower, processor, px, steps, layer=-2, batch=64, seed=0):
     head = torch.nn.Linear(tower.config.hidden_size, sum(map(len, names)))
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=2e-3)
     quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+    def patch_targets(scene):  # per patch: its quadrant's shape, colour and size (0: nothing there), the quadrant
+        at = {o["place"]: o for o in scene}
+        return [[n.index(at[q][k]) if q in at else 0 for n, k in zip(names, ("shape", "colour", "size"))]
+                + [PLACES.index(q)] for q in quadrant]
     for step in range(steps):
         scenes = [_toy_scene(rng) for _ in range(batch)]
-        target = torch.tensor([[[n.index(o[k]) if o else 0 for n, k in zip(names, ("shape", "colour", "size"))]
-                                + [PLACES.index(q)] for q, o in ((q, {x["place"]: x for x in s}.get(q)) for q in quadrant)]
-                               for s in scenes])
+        target = torch.tensor([patch_targets(s) for s in scenes])
         h = tower(pixel_batch(scenes, processor, px), output_hidden_states=True).hidden_states[layer]
         logits = head(h).split([len(n) for n in names], -1)
         loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), target[..., i].flatten())

@@ -93,27 +93,27 @@ distilled() {  # a student's stages with the teacher, then the eval of all five
 }
 # Every process trains on one thread (torchrun's default), so independent chains run side by side: first the
 # teacher and each seed's baseline, then, once the teacher is there, each seed's distilled stages.
-# Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its log's end.
+# Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its error (or log's end).
 stop() { local c; for c in $(pgrep -P "$1"); do stop "$c"; done; kill "$1" 2>/dev/null || true; }
 parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
   local pids=() names=() i
   for job in "$@"; do
-    names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${job// /}.log" 2>&1 & pids+=($!)
+    names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${names[-1]}.log" 2>&1 & pids+=($!)
   done
   for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then
       echo "done: ${names[$i]} at $(( $(date +%s) - START )) s"
     else
       for p in "${pids[@]}"; do stop "$p"; done
-      tail -n 20 "$OUT/logs/${names[$i]}.log" >&2
+      grep -a "^error" "$OUT/logs/${names[$i]}.log" >&2 || tail -n 20 "$OUT/logs/${names[$i]}.log" >&2
       echo "error: the toy recipe's ${names[$i]} stages failed; the whole log: $OUT/logs/${names[$i]}.log" >&2
       exit 1
     fi
   done
 }
-jobs=("teacher"); for s in $SEEDS; do jobs+=("baseline $s"); done
-parallel "${jobs[@]}"
-jobs=(); for s in $SEEDS; do jobs+=("distilled $s"); done
-parallel "${jobs[@]}"
+chains=("teacher"); for s in $SEEDS; do chains+=("baseline $s"); done
+parallel "${chains[@]}"
+chains=(); for s in $SEEDS; do chains+=("distilled $s"); done
+parallel "${chains[@]}"
 cat $OUT/teacher-results.jsonl $(for s in $SEEDS; do echo $OUT/seed$s/results.jsonl; done) > $OUT/results.jsonl
 python toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
