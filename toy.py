@@ -4,6 +4,7 @@ llava_kd.py runs on a laptop CPU; its eval and its table. Not part of the method
     python toy.py setup --out runs/toy/setup           # tiny checkpoints + data
     python toy.py eval --model DIR [DIR ...] --data JSON --images DIR [--results F --row NAME ...]
     python toy.py table --results F --out table.md
+    python toy.py probe --model DIR [DIR ...] --data JSON --images DIR   # what distillation could pass on
 """
 import argparse
 import collections
@@ -259,6 +260,72 @@ def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
     return correct / len(ds)
 
 
+@torch.no_grad()
+def _answer_and_visual_outputs(model, processor, data_json, images, scenes, batch_size=50):
+    """log-probs at the answer tokens of data_json (with their labels), and at the visual positions of the
+    images of `scenes` (causal: they depend on the image and the prompt before it, not on the question)."""
+    ds = data.LlavaDataset(data_json, images, processor, chat=True, max_length=4096)
+    answers, labels, visual = [], [], []
+    for i in range(0, len(ds), batch_size):
+        b = data.collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))], processor.tokenizer.pad_token_id)
+        y = b.pop("labels")[:, 1:]
+        if b["pixel_values"] is None:
+            b.pop("pixel_values")
+        lp = model(**b).logits[:, :-1].float().log_softmax(-1)
+        answers.append(lp[y != data.IGNORE])
+        labels.append(y[y != data.IGNORE])
+    tok = processor.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "<image>\nDescribe the image briefly."}],
+                                     tokenize=False, add_generation_prompt=True)
+    for i in range(0, len(scenes), batch_size):
+        ims = [_toy_image(s, 32) for s in scenes[i:i + batch_size]]
+        inp = processor(text=[prompt] * len(ims), images=ims, return_tensors="pt")
+        lp = model(**inp).logits.float().log_softmax(-1)
+        visual.append(lp[inp["input_ids"] == model.config.image_token_id].view(len(ims), -1, lp.shape[-1]))
+    return torch.cat(answers), torch.cat(labels), torch.cat(visual)
+
+
+def _linear_probe(x, y, n_train, steps=300):
+    """Held-out accuracy of a linear classifier (softmax regression, Adam) trained on the first n_train rows."""
+    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
+    lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(lin(x[:n_train]), y[:n_train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (lin(x[n_train:]).argmax(-1) == y[n_train:]).float().mean().item()
+
+
+def probe(model_dir, data_json, images, n_scenes=600, seed=0):
+    """What a model's outputs hold that distillation could pass on (the README's account of DFT on the toy).
+    Answer tokens of data_json (L_res's positions): the probability given to the label, how often the top-1
+    is the label, the entropy. Visual positions (L_vis's and L_rel's): how well a linear probe on the
+    next-token log-probs tells the colour and the shape of the object in each patch's quadrant (or none),
+    trained on the patches of 2/3 of n_scenes new scenes, tested on the rest."""
+    model, processor = llava_kd.load_llava(model_dir)
+    model.eval()
+    rng = random.Random(seed + 3)
+    scenes = [_toy_scene(rng) for _ in range(n_scenes)]
+    lp, y, vis = _answer_and_visual_outputs(model, processor, data_json, images, scenes)
+    end = y == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end-of-turn token: always certain
+    p_label, top1, entropy = lp.gather(1, y[:, None])[:, 0].exp(), lp.argmax(-1) == y, -(lp.exp() * lp).sum(-1)
+    grid = int(vis.shape[1] ** 0.5)
+    quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+    n_train, probes = (2 * n_scenes // 3) * vis.shape[1], {}
+    for key, names in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
+        target = torch.tensor([[names.index(at[q][key]) + 1 if q in at else 0 for q in quadrant]
+                               for at in ({o["place"]: o for o in s} for s in scenes)])
+        probes[key] = _linear_probe(vis.flatten(0, 1), target.flatten(), n_train)
+    a = ~end
+    return (f"{model_dir}: answer tokens ({int(a.sum())}): p(label) {p_label[a].mean():.3f}, top-1 = label "
+            f"{top1[a].float().mean():.3f}, entropy {entropy[a].mean():.2f} nats; visual positions: entropy "
+            f"{-(vis.exp() * vis).sum(-1).mean():.2f} nats, linear probe (held out) colour {probes['colour']:.2f}, "
+            f"shape {probes['shape']:.2f} (none: {(target == 0).float().mean():.2f} of the patches)")
+
+
 def question_prior(train_json, test_json):
     """Exact match of the best answer from the question alone: the most frequent answer to the same question in
     the training rows (what a model that ignores the image can reach)."""
@@ -309,6 +376,10 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--row", default="question-only prior (no image)")
+    p = sub.add_parser("probe", help="what a model's outputs hold at the answer tokens and at the visual positions")
+    p.add_argument("--model", required=True, nargs="+")
+    p.add_argument("--data", required=True, help="the rows whose answer tokens are scored (e.g. the students' sft.json)")
+    p.add_argument("--images", required=True)
     p = sub.add_parser("table", help="mean and spread over seeds of the eval results")
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True, help="the table as Markdown")
@@ -333,6 +404,9 @@ def main(argv=None):
         print(f"question-only prior {acc:.4f} on {a.data}")
         with open(a.results, "a") as f:
             f.write(json.dumps({"row": a.row, "seed": 0, "accuracy": acc}) + "\n")
+    elif a.cmd == "probe":
+        for model in a.model:
+            print(probe(model, a.data, a.images))
     else:
         print(table(a.results, a.out, a.seconds))
 
