@@ -155,6 +155,11 @@ TOY_LLMS = {  # teacher clearly larger than student; vocabulary sizes padded dif
 }
 
 
+def patch_quadrants(grid):
+    """The quadrant (a PLACES entry) of each patch of a grid x grid image, in the tower's row-major order."""
+    return [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+
+
 def pixel_batch(scenes, processor, px):
     return torch.stack([processor(_toy_image(s, px), return_tensors="pt")["pixel_values"][0] for s in scenes])
 
@@ -167,7 +172,7 @@ def train_vision(tower, processor, px, steps, layer=-2, batch=64, seed=0):
     names = [("none",) + SHAPES, ("none",) + tuple(COLOURS), ("none",) + SIZES, PLACES]
     head = torch.nn.Linear(tower.config.hidden_size, sum(map(len, names)))
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=2e-3)
-    quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+    quadrant = patch_quadrants(grid)
     def patch_targets(scene):  # per patch: its quadrant's shape, colour and size (0: nothing there), the quadrant
         at = {o["place"]: o for o in scene}
         return [[n.index(at[q][k]) if q in at else 0 for n, k in zip(names, ("shape", "colour", "size"))]
@@ -271,8 +276,7 @@ def _answer_and_visual_outputs(model, processor, data_json, images, scenes, batc
         y = b.pop("labels")[:, 1:]
         if b["pixel_values"] is None:
             b.pop("pixel_values")
-        lp = model(**b).logits[:, :-1].float().log_softmax(-1)
-        answers.append(lp[y != data.IGNORE])
+        answers.append(model(**b).logits[:, :-1][y != data.IGNORE].float().log_softmax(-1))
         labels.append(y[y != data.IGNORE])
     tok = processor.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "<image>\nDescribe the image briefly."}],
@@ -280,8 +284,8 @@ def _answer_and_visual_outputs(model, processor, data_json, images, scenes, batc
     for i in range(0, len(scenes), batch_size):
         ims = [_toy_image(s, 32) for s in scenes[i:i + batch_size]]
         inp = processor(text=[prompt] * len(ims), images=ims, return_tensors="pt")
-        lp = model(**inp).logits.float().log_softmax(-1)
-        visual.append(lp[inp["input_ids"] == model.config.image_token_id].view(len(ims), -1, lp.shape[-1]))
+        logits = model(**inp).logits[inp["input_ids"] == model.config.image_token_id]
+        visual.append(logits.float().log_softmax(-1).view(len(ims), -1, logits.shape[-1]))
     return torch.cat(answers), torch.cat(labels), torch.cat(visual)
 
 
@@ -312,8 +316,7 @@ def probe(model_dir, data_json, images, n_scenes=600, seed=0):
     lp, y, vis = _answer_and_visual_outputs(model, processor, data_json, images, scenes)
     end = y == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end-of-turn token: always certain
     p_label, top1, entropy = lp.gather(1, y[:, None])[:, 0].exp(), lp.argmax(-1) == y, -(lp.exp() * lp).sum(-1)
-    grid = int(vis.shape[1] ** 0.5)
-    quadrant = [PLACES[2 * (r >= grid // 2) + (c >= grid // 2)] for r in range(grid) for c in range(grid)]
+    quadrant = patch_quadrants(int(vis.shape[1] ** 0.5))
     n_train, probes = (2 * n_scenes // 3) * vis.shape[1], {}
     for key, names in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
         target = torch.tensor([[names.index(at[q][key]) + 1 if q in at else 0 for q in quadrant]
