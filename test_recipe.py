@@ -3,13 +3,16 @@ import json
 import os
 import subprocess
 
+import toy as toy_module
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ROWS = ["question-only prior (no image)", "teacher PT-SFT", "student PT-SFT", "student DPT-SFT", "student PT-SFT-DFT",
         "student DPT-SFT-DFT (LLaVA-KD)", "student PT-SFT-SFT (no teacher)"]
 
 
 def test_toy_recipe_runs_end_to_end_and_prints_the_table(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "toy"), SEEDS="0 1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1")
+    env = dict(os.environ, OUT=str(tmp_path / "toy"), SEEDS="0 1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1",
+               TOY_SEED="1")
     out = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "toy" / "table.md").read_text()
@@ -23,3 +26,7 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(tmp_path):
     for stage, teacher in (("pt", False), ("dpt", True), ("pt-sft-dft", True), ("pt-sft-sft", False)):
         log = [json.loads(l) for l in open(tmp_path / "toy" / "seed1" / stage / "log.jsonl")]
         assert len(log) == 2 and all((r["L_vis"] > 0) == teacher for r in log)
+    # the toy setup is TOY_SEED's draw
+    toy_module.make_toy_data(str(tmp_path / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"})
+    for split in ("sft", "test"):
+        assert (tmp_path / "draw1" / f"{split}.json").read_text() == (tmp_path / "toy/setup/data" / f"{split}.json").read_text()

@@ -18,6 +18,7 @@
 #   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
 #   EXTRA         more flags for every stage, e.g. "--grad_checkpointing --max_length 2048"
 #   SEEDS         toy recipe only: student seeds (default "0 1 2")
+#   TOY_SEED      toy recipe only: the seed of the toy setup, shared by every student seed (data, tower, LLMs; default 0)
 set -euo pipefail
 cd "$(dirname "$0")"
 NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
@@ -66,7 +67,7 @@ SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_s
 EVAL="python toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)
 rm -rf "$OUT"; mkdir -p "$OUT/logs"
-python toy.py setup --out "$T" ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
+python toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
 
 teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
   $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
