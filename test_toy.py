@@ -1,7 +1,9 @@
-"""toy.py's diagnostics: the linear probe and `probe`, which the README's account of DFT on the toy quotes."""
+"""toy.py's diagnostics, which the README's account of the toy quotes: the linear probe, `probe`, and `draws`."""
+import json
 import random
 import re
 
+import pytest
 import torch
 
 import data
@@ -35,3 +37,32 @@ def test_probe_scores_every_answer_token_and_every_visual_position(toy, tmp_path
                                                                f"{toy}/data/images", scenes)
     assert lp.shape == (len(labels), model.config.text_config.vocab_size)
     assert visual.shape[:2] == (3, data.image_seq_length(proc))  # every visual position of every image
+
+
+def test_draws_pairs_each_difference_seed_by_seed_and_pools_the_runs(tmp_path):
+    runs = {"a": {0: (40, 50, 47, 45, 44), 1: (42, 41, 50, 51, 52)},  # seed: PT-SFT, DPT-SFT, PT-SFT-DFT, KD, control
+            "b": {5: (30, 33, 35, 40, 36)}}
+    rows = ("student PT-SFT", "student DPT-SFT", "student PT-SFT-DFT", toy_module.KD, toy_module.CONTROL)
+    paths = []
+    for run, seeds in runs.items():
+        (tmp_path / run).mkdir()
+        lines = [{"row": "teacher PT-SFT", "seed": 0, "accuracy": 0.7}]
+        lines += [{"row": r, "seed": s, "accuracy": v / 100} for s, acc in seeds.items() for r, v in zip(rows, acc)]
+        paths.append(str(tmp_path / run / "results.jsonl"))
+        with open(paths[-1], "w") as f:
+            f.write("".join(json.dumps(l) + "\n" for l in lines))
+    report = toy_module.draws(paths, str(tmp_path / "report.md"))
+    assert (tmp_path / "report.md").read_text() == report + "\n"
+    assert f"| {tmp_path / 'a'} | 70.0 | 41.0 | 45.5 | 48.5 | 48.0 | 48.0 |" in report
+    kd = report.split("minus")[1]  # LLaVA-KD minus the control: a: +1.0, -1.0; b: +4.0
+    assert "+1.0, -1.0 (mean +0.0)" in kd and "+4.0 (mean +4.0)" in kd
+    # all three seeds: mean 4/3, sd of (1, -1, 4) 2.5; the runs' means 0 and 4: sd 2.8, standard error 2.0
+    assert "all 3 seeds: mean +1.3, sd 2.5, above 0 in 2 of 3; the 2 runs' means: sd 2.8, standard error of their mean 2.0" in kd
+    dpt = report.split("DPT-SFT minus PT-SFT")[1]
+    assert "+10.0, -1.0 (mean +4.5)" in dpt and "+3.0 (mean +3.0)" in dpt
+    with open(tmp_path / "teacher.jsonl", "w") as f:
+        f.write(json.dumps({"row": "teacher PT-SFT", "seed": 0, "accuracy": 0.7}) + "\n")
+    with pytest.raises(SystemExit, match="teacher.jsonl has no rows"):
+        toy_module.draws([str(tmp_path / "teacher.jsonl")])
+    with pytest.raises(SystemExit, match="no results file .*nowhere.jsonl"):
+        toy_module.draws([str(tmp_path / "nowhere.jsonl")])

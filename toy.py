@@ -5,6 +5,7 @@ llava_kd.py runs on a laptop CPU; its eval and its table. Not part of the method
     python toy.py eval --model DIR [DIR ...] --data JSON --images DIR [--results F --row NAME ...]
     python toy.py table --results F --out table.md
     python toy.py probe --model DIR [DIR ...] --data JSON --images DIR   # what distillation could pass on
+    python toy.py draws --results RUN/results.jsonl [...]   # several runs (e.g. TOY_SEED draws) side by side
 """
 import argparse
 import collections
@@ -342,6 +343,14 @@ def question_prior(train_json, test_json):
     return sum(best(q["value"].replace("<image>\n", "")) == a["value"] for q, a in test) / len(test)
 
 
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _sd(xs):  # the sample standard deviation (0 for a single value)
+    return (sum((x - _mean(xs)) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
 def table(results, out, seconds=None):
     """One row per training scheme: mean and standard deviation of the accuracy over seeds."""
     rows = {}
@@ -350,11 +359,53 @@ def table(results, out, seconds=None):
         rows.setdefault(r["row"], []).append(100 * r["accuracy"])
     lines = ["| model (held-out toy test set) | exact match % | seeds |", "| --- | --- | --- |"]
     for name, xs in rows.items():
-        sd = (sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
-        lines.append(f"| {name} | {sum(xs) / len(xs):.1f} ± {sd:.1f} | {len(xs)} |")
+        lines.append(f"| {name} | {_mean(xs):.1f} ± {_sd(xs):.1f} | {len(xs)} |")
     text = "\n".join(lines) + (f"\n\nwall time {seconds // 60} min {seconds % 60} s" if seconds is not None else "")
     with open(out, "w") as f:
         f.write(text + "\n")
+    return text
+
+
+KD, CONTROL = "student DPT-SFT-DFT (LLaVA-KD)", "student PT-SFT-SFT (no teacher)"
+DIFFERENCES = ((KD, CONTROL), ("student PT-SFT-DFT", CONTROL), ("student DPT-SFT", "student PT-SFT"))
+
+
+def draws(results, out=None):
+    """Several recipe runs side by side (e.g. one per TOY_SEED, each its results.jsonl): each run's mean per
+    row, then the paired differences the issue's bars are about, seed by seed (both models of a difference
+    come from the same student seed), their mean per run, and over all runs: the mean and standard deviation
+    of all seeds, in how many the difference is above 0, and the spread of the runs' means (seeds of one run
+    share its data and teacher, so the runs, not the seeds, are the independent repeats)."""
+    runs = []
+    for path in results:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no results file {path}: give each run's results.jsonl (train.sh writes it in OUT)")
+        acc = {}
+        for line in open(path):
+            r = json.loads(line)
+            acc.setdefault(r["row"], {})[r["seed"]] = 100 * r["accuracy"]
+        missing = sorted({n for pair in DIFFERENCES for n in pair} - set(acc))
+        if missing:
+            raise SystemExit(f"error: {path} has no rows {missing}: give the results.jsonl of a whole toy recipe run")
+        runs.append((os.path.dirname(path) or path, acc))
+    names = list(runs[0][1])
+    lines = ["| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {run} | " + " | ".join(f"{_mean(list(acc[n].values())):.1f}" if n in acc else "-" for n in names)
+              + " |" for run, acc in runs]
+    for a, b in DIFFERENCES:
+        lines += ["", f"{a.replace('student ', '')} minus {b.replace('student ', '')}, per seed:"]
+        pooled, per_run = [], []
+        for run, acc in runs:
+            d = [acc[a][s] - acc[b][s] for s in sorted(acc[a]) if s in acc.get(b, {})]
+            pooled, per_run = pooled + d, per_run + [_mean(d)]
+            lines.append(f"  {run}: " + ", ".join(f"{x:+.1f}" for x in d) + f" (mean {_mean(d):+.1f})")
+        lines.append(f"  all {len(pooled)} seeds: mean {_mean(pooled):+.1f}, sd {_sd(pooled):.1f}, above 0 in "
+                     f"{sum(x > 0 for x in pooled)} of {len(pooled)}; the {len(runs)} runs' means: sd "
+                     f"{_sd(per_run):.1f}, standard error of their mean {_sd(per_run) / len(runs) ** 0.5:.1f}")
+    text = "\n".join(lines)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
     return text
 
 
@@ -387,6 +438,9 @@ def main(argv=None):
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True, help="the table as Markdown")
     p.add_argument("--seconds", type=int, help="wall time of the run, printed under the table")
+    p = sub.add_parser("draws", help="several runs' results side by side, with the paired differences per seed")
+    p.add_argument("--results", required=True, nargs="+", help="each run's results.jsonl (e.g. one per TOY_SEED)")
+    p.add_argument("--out", help="also write the report here")
     a = ap.parse_args(argv)
     if a.cmd == "setup":
         make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
@@ -410,6 +464,8 @@ def main(argv=None):
     elif a.cmd == "probe":
         for model in a.model:
             print(probe(model, a.data, a.images))
+    elif a.cmd == "draws":
+        print(draws(a.results, a.out))
     else:
         print(table(a.results, a.out, a.seconds))
 
