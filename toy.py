@@ -396,7 +396,7 @@ def draws(results, out=None):
         lines += ["", f"{a.replace('student ', '')} minus {b.replace('student ', '')}, per seed:"]
         pooled, per_run = [], []
         for run, acc in runs:
-            d = [acc[a][s] - acc[b][s] for s in sorted(acc[a]) if s in acc.get(b, {})]
+            d = [acc[a][s] - acc[b][s] for s in sorted(acc[a]) if s in acc[b]]
             pooled, per_run = pooled + d, per_run + [_mean(d)]
             lines.append(f"  {run}: " + ", ".join(f"{x:+.1f}" for x in d) + f" (mean {_mean(d):+.1f})")
         lines.append(f"  all {len(pooled)} seeds: mean {_mean(pooled):+.1f}, sd {_sd(pooled):.1f}, above 0 in "
