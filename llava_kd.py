@@ -16,10 +16,10 @@ import os
 import resource
 import shutil
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
@@ -28,336 +28,155 @@ from tqdm import tqdm
 import data
 
 # ------------------------------------------------------------------------------------------------
-# Losses. Plain tensors in, a scalar out: copy this section into another project as it is.
-# logits are [B, T, V]; labels [B, T] with -100 on every position that is not an answer;
-# visual_mask [B, T] bool, True at the image-token positions (input_ids == image_token_id).
+# Losses (paper Sec. 3), plain tensors in: copy this section as it is. logits [B, T, V]; labels [B, T], -100 but on
+# answers; visual_mask [B, T] bool, True at image tokens. Math in float32 at least; the KL on the shared leading vocabulary.
+# Sums are divided once, by their count or by the one given (num_rows, num_samples, counts: over a global batch).
 
-CHUNK = 2 ** 21  # elements of a float32 [rows, V] block worked on at once: bounds the losses' peak memory
-FUSED_CHUNK = 2 ** 24  # the same for fused_loss, larger: each of its blocks reads both heads' weights and
-# adds into the head's gradient, so its time grows with the number of blocks (64 MB: ~110 rows at V=151936)
-
-
-def _math_dtype(*xs):  # softmax and matrix math in float32 at least (bf16 in -> fp32; fp64 stays fp64)
-    return torch.promote_types(torch.promote_types(xs[0].dtype, xs[1].dtype), torch.float32)
+def response_rows(labels):  # [B, T] bool: the rows of logits that predict an answer token (row m-1 predicts m)
+    return F.pad(labels[:, 1:], (0, 1), value=-100) != -100
 
 
-_GRADS = weakref.WeakValueDictionary()
+def prompt_rows(labels, visual_mask, attention_mask):  # Table A6's prompt tokens: neither answer, visual nor padding
+    return attention_mask.bool() & ~response_rows(labels) & ~visual_mask
 
 
-def _grad_buffer(x):
-    """x's gradient in this backward pass: one buffer shared by every loss term that reads x. The first term
-    to run creates it and returns it to autograd; the others find it (held weakly, by autograd alone), add their
-    rows into it and return None. So L_res, L_vis and L_rel together cost one gradient-sized tensor, not one
-    each; a term whose loss is not backpropagated never runs and adds nothing."""
-    key = (torch._C._current_graph_task_id(), x.data_ptr(), x.shape, x.dtype, x.device)
-    buf = _GRADS.get(key)
-    if buf is not None:
-        return buf, None
-    buf = _GRADS[key] = torch.zeros_like(x)
-    return buf, buf
+# KLD(phi_l, phi_s) = sum_{j=1}^{V} phi_l(Y_j) log( phi_l(Y_j) / phi_s(Y_j) ), averaged over the rows where rows is True
+def mean_kl(student_logits, teacher_logits, rows, num_rows=None):
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s = student_logits[rows][:, :v].to(dt).log_softmax(-1)
+    log_p_t = teacher_logits[rows][:, :v].detach().to(dt).log_softmax(-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") / (num_rows or rows.sum().clamp_min(1))
 
 
-def _runs(rows, n):
-    """Sorted flat row indices -> (start, stop) ranges of at most n consecutive rows: blocks are slices, not
-    gathered copies."""
-    rows, out, start = rows.tolist(), [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i] != rows[i - 1] + 1 or i - start == n:
-            out.append((rows[start], rows[i - 1] + 1))
-            start = i
-    return out
-
-
-def _log_softmax_(x, scratch):
-    """x <- log_softmax(x) in place, with scratch (same shape) for the exponentials; returns the log-normaliser."""
-    m = x.amax(-1, keepdim=True)
-    z = torch.exp(x.sub_(m), out=scratch).sum(-1, keepdim=True).log_()
-    x.sub_(z)
-    return (z + m).squeeze(1)
-
-
-class _RowKL(torch.autograd.Function):
-    """sum_{rows r} KL(p_t,r || p_s,r), softmax over the shared leading V = min(V_s, V_t) entries.
-
-    Works on blocks of consecutive rows in three float32 work buffers allocated once per call, and keeps only
-    each row's log-normaliser for backward, which uses the closed form  d KL(p_t || p_s) / d s = p_s - p_t.
-    No other [rows, V] tensor is ever made, and the gradient goes into the one buffer of _grad_buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, s, t, rows):
-        v, dt = min(s.shape[-1], t.shape[-1]), _math_dtype(s, t)
-        s2, t2 = s.reshape(-1, s.shape[-1])[:, :v], t.reshape(-1, t.shape[-1])[:, :v]
-        runs = _runs(rows, max(1, CHUNK // v))
-        a, b, e = (s.new_empty(max([r1 - r0 for r0, r1 in runs], default=0), v, dtype=dt) for _ in range(3))
-        total, log_z = torch.zeros((), dtype=dt, device=s.device), []
-        for r0, r1 in runs:
-            x, y, p = a[:r1 - r0], b[:r1 - r0], e[:r1 - r0]
-            z = torch.stack([_log_softmax_(x.copy_(s2[r0:r1]), p), _log_softmax_(y.copy_(t2[r0:r1]), p)], 1)
-            torch.exp(y, out=p)
-            total += x.sub_(y).neg_().mul_(p).sum()  # sum_j p_t,j (log p_t,j - log p_s,j)
-            log_z.append(z)
-        ctx.runs = runs
-        ctx.save_for_backward(s, t, torch.cat(log_z) if log_z else s.new_zeros(0, 2, dtype=dt))
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        s, t, log_z = ctx.saved_tensors
-        v, dt = min(s.shape[-1], t.shape[-1]), _math_dtype(s, t)
-        grad, out = _grad_buffer(s)
-        s2, t2, g2 = (x.reshape(-1, x.shape[-1])[:, :v] for x in (s, t, grad))
-        a, b = (s.new_empty(max([r1 - r0 for r0, r1 in ctx.runs], default=0), v, dtype=dt) for _ in range(2))
-        c = a if grad.dtype == dt else torch.empty_like(a, dtype=grad.dtype)  # in the gradient's dtype
-        k = 0
-        for r0, r1 in ctx.runs:
-            z, x, y = log_z[k:k + r1 - r0], a[:r1 - r0], b[:r1 - r0]
-            x.copy_(s2[r0:r1]).sub_(z[:, :1]).exp_()  # p_s
-            y.copy_(t2[r0:r1]).sub_(z[:, 1:]).exp_()  # p_t
-            g2[r0:r1].add_(c[:r1 - r0].copy_(x.sub_(y).mul_(g)))
-            k += r1 - r0
-        return out, None, None
-
-
-def _mean_row_kl(student_logits, teacher_logits, row_mask, num_rows=None):
-    """(1 / N) sum over the rows where row_mask is True of KL(p_t || p_s); N = their number, or num_rows
-    when given (the count over a whole accumulated/distributed batch). A finite 0 when there are none."""
-    rows = row_mask.reshape(-1).nonzero().squeeze(1)
-    return _RowKL.apply(student_logits, teacher_logits.detach(), rows) / max(num_rows or rows.numel(), 1)
-
-
-# L_res = (1/M) sum_{m=1}^{M} KLD( phi_l(y_m | y_<m), phi_s(y_m | y_<m) )
-#   phi_l, phi_s: the teacher's and the student's next-token distributions; m runs over the M response
-#   tokens of the batch. The distribution for token m is read at position m-1: logits[:, :-1] predict
-#   labels[:, 1:]. Summed over the batch, divided once by M (paper: a sum; the mean keeps alpha scale-free).
+# L_res = (1/M) sum_{m=1}^{M} KLD(phi_l(y_m | y_<m), phi_s(y_m | y_<m)), M answer tokens (a mean: alpha is batch-free)
 def response_loss(student_logits, teacher_logits, labels, num_rows=None):
-    return _mean_row_kl(student_logits, teacher_logits, response_rows(labels), num_rows)
+    return mean_kl(student_logits, teacher_logits, response_rows(labels), num_rows)
 
 
-def response_rows(labels):  # [B, T] bool: the rows of logits that predict a labelled token
-    rows = torch.zeros_like(labels, dtype=torch.bool)
-    rows[:, :-1] = labels[:, 1:] != -100
-    return rows
-
-
-# L_vis = (1/K) sum_{k=1}^{K} sum_{j=1}^{V} phi_l(Y_j | y_<k) log( phi_l(Y_j | y_<k) / phi_s(Y_j | y_<k) )
-#   k runs over the K visual tokens of the batch (visual_mask), j over the V vocabulary entries.
+# L_vis = (1/K) sum_{k=1}^{K} sum_{j=1}^{V} phi_l(Y_j | y_<k) log(phi_l(Y_j | y_<k) / phi_s(Y_j | y_<k)), K image tokens
 def visual_loss(student_logits, teacher_logits, visual_mask, num_rows=None):
-    return _mean_row_kl(student_logits, teacher_logits, visual_mask, num_rows)
+    return mean_kl(student_logits, teacher_logits, visual_mask, num_rows)
 
 
-def _visual_rows(b, pos):
-    """(sample, its visual rows) for each sample of a group: a slice when its K tokens are consecutive (one
-    image), so blocks are views, not gathered copies."""
-    K = pos.shape[1]
-    return [(int(bi), slice(int(p[0]), int(p[0]) + K) if int(p[-1] - p[0]) == K - 1 else p) for bi, p in zip(b, pos)]
+# L_rel = 1 - Cos(R_v^s, R_v^t) = 1 - (R_v^s . R_v^t) / (||R_v^s|| ||R_v^t||), for one sample
+def relation_distance(R_s, R_t):  # float64 sums: 1 - cos is small (~5e-3) and float32 sums lose its leading digits
+    st, ss, tt = (torch.sum(x.double() * y.double()) for x, y in ((R_s, R_t), (R_s, R_s), (R_t, R_t)))
+    return 1 - st / (ss * tt).sqrt().clamp_min(1e-16)
 
 
-def _visual_columns(x, rows, w, buf):
-    """Y = the visual rows of each sample of a group, [n, K, D], one block of w columns at a time, copied into
-    buf [n, K, w] (float32): yields (column slice, the block). Y itself is never built."""
-    for c in range(0, x.shape[-1], w):
-        cols, y = slice(c, min(c + w, x.shape[-1])), buf[:, :, :min(w, x.shape[-1] - c)]
-        for i, (bi, p) in enumerate(rows):
-            y[i].copy_(x[bi, p, cols])
-        yield cols, y
-
-
-def _gram(x, b, pos, dt):
-    """R = Y Y^T for each sample's visual rows Y ([n, K, D] -> [n, K, K]), accumulated over column blocks."""
-    n, K = pos.shape
-    R, w = x.new_zeros(n, K, K, dtype=dt), max(1, CHUNK // (n * K))
-    buf = x.new_empty(n, K, min(w, x.shape[-1]), dtype=dt)
-    for _, y in _visual_columns(x, _visual_rows(b, pos), w, buf):
-        R.baddbmm_(y, y.transpose(1, 2))
-    return R
-
-
-def _visual_groups(visual_mask):
-    """Samples with visual tokens, grouped by their number K: (sample ids [n], positions [n, K]) per group."""
-    by_k = {}
-    for b, k in enumerate(visual_mask.sum(1).tolist()):
-        if k:  # a text-only sample has no visual tokens and no relation
-            by_k.setdefault(k, []).append(b)
-    for k, bs in by_k.items():
-        b = torch.tensor(bs, device=visual_mask.device)
-        yield b, visual_mask[b].nonzero()[:, 1].view(len(bs), k)
-
-
-def _one_minus_cos(R_s, R_t):
-    """sum over the samples of 1 - cos(vec R_s, vec R_t), and G + G^T with G = d(1 - cos)/dR_s ([n, K, K])."""
-    # the K*K-term sums in float64: 1 - cos is small, and fp32 sums lose its leading digits
-    ss, tt, st = (torch.sum(x * y, (1, 2), dtype=torch.float64) for x, y in ((R_s, R_s), (R_t, R_t), (R_s, R_t)))
-    norm = (ss * tt).sqrt().clamp_min(1e-16)  # |R_s| |R_t|, clamped as F.cosine_similarity does
-    cos = st / norm
-    norm_, cos_, ss_ = norm[:, None, None], cos[:, None, None], ss[:, None, None]
-    G = -(R_t / norm_ - cos_ * R_s / ss_.clamp_min(1e-16)).to(R_s.dtype)
-    return (1 - cos).sum().to(R_s.dtype), G + G.transpose(1, 2)
-
-
-class _Relation(torch.autograd.Function):
-    """sum over samples with visual tokens of 1 - cos(vec R_s, vec R_t), R = Y Y^T of their visual rows.
-
-    backward: with G = d(1 - cos)/dR_s,  dL/dY_s = (G + G^T) Y_s, again block by block over the columns.
-    """
-
-    @staticmethod
-    def forward(ctx, s, t, visual_mask):
-        dt = _math_dtype(s, t)
-        total, ctx.groups = torch.zeros((), dtype=dt, device=s.device), []
-        for b, pos in _visual_groups(visual_mask):
-            loss, G2 = _one_minus_cos(_gram(s, b, pos, dt), _gram(t, b, pos, dt))
-            total += loss
-            ctx.groups.append((b, pos, G2))
-        ctx.save_for_backward(s)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        (s,) = ctx.saved_tensors
-        grad, out = _grad_buffer(s)
-        for b, pos, G2 in ctx.groups:
-            n, K = pos.shape
-            w = max(1, CHUNK // (n * K))
-            buf, gy = (s.new_empty(n, K, min(w, s.shape[-1]), dtype=G2.dtype) for _ in range(2))
-            gy_ = gy if grad.dtype == gy.dtype else torch.empty_like(gy, dtype=grad.dtype)  # in the gradient's dtype
-            rows = _visual_rows(b, pos)
-            for cols, y in _visual_columns(s, rows, w, buf):
-                d = gy_[:, :, :y.shape[-1]].copy_(torch.bmm(G2, y, out=gy[:, :, :y.shape[-1]]).mul_(g))
-                for i, (bi, p) in enumerate(rows):  # dL/dY = (G + G^T) Y, into the sample's visual rows
-                    if isinstance(p, slice):
-                        grad[bi, p, cols].add_(d[i])
-                    else:
-                        grad[bi, p, cols] += d[i]
-        return out, None, None
-
-
-# L_rel = 1 - Cos(R_v^s, R_v^t) = 1 - (R_v^s . R_v^t) / (||R_v^s|| ||R_v^t||),   R_v = y_v (x) y_v = Y Y^T
-#   Y: one sample's K visual rows of the features (logits or hidden states; each side keeps its own width,
-#   R is K x K either way). Averaged over the samples of the batch that have visual tokens.
+# R_v = y_v (x) y_v = Y Y^T (K x K), Y a sample's visual rows (logits or any features); mean over samples with an image
 def relation_loss(student_feats, teacher_feats, visual_mask, num_samples=None):
-    n = num_samples or int(visual_mask.any(1).sum())
-    return _Relation.apply(student_feats, teacher_feats.detach(), visual_mask) / max(n, 1)
+    dt = torch.promote_types(student_feats.dtype, torch.float32)
+    total = student_feats[..., :0].sum().to(dt)  # 0, in the graph: a batch without images still backpropagates
+    for b in visual_mask.any(1).nonzero().flatten().tolist():
+        Y_s, Y_t = student_feats[b][visual_mask[b]].to(dt), teacher_feats[b][visual_mask[b]].detach().to(dt)
+        total = total + relation_distance(Y_s @ Y_s.T, Y_t @ Y_t.T).to(dt)
+    return total / (num_samples or visual_mask.any(1).sum().clamp_min(1))
 
 
-# L_reg = -(1/M) sum_{m=1}^{M} log phi_s(y_m | y_<m): the student's own next-token loss on the M response
-#   tokens (the usual LLaVA loss; the only loss of pt and sft). Only the M selected rows are upcast.
+# L_reg = -(1/M) sum_{m=1}^{M} log phi_s(y_m | y_<m): the student's own next-token loss (the only loss of pt and sft)
 def next_token_loss(student_logits, labels, num_rows=None):
     rows = response_rows(labels)
-    logits = student_logits[rows].float()
-    nll = torch.nn.functional.cross_entropy(logits, labels[:, 1:][rows[:, :-1]], reduction="sum")
-    return nll / max(num_rows or len(logits), 1)
+    logits = student_logits[rows].to(torch.promote_types(student_logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels[:, 1:][rows[:, :-1]], reduction="sum") / (num_rows or rows.sum().clamp_min(1))
 
 
-# L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel   (paper: alpha, beta, gamma = 1, 1, 0.5)
-# This returns the distillation part, alpha L_res + beta L_vis + gamma L_rel, and each term for logging;
-# L_reg, the student's own next-token loss, is added by the training loop. A zero weight skips its term.
-# counts: optional (response rows, visual rows, samples with an image) of the whole step's batch, by which
-# the sums are divided instead of this batch's own counts (gradient accumulation, DDP).
-def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0, beta=1.0, gamma=0.5,
-                 counts=(None, None, None)):
-    zero = student_logits.new_zeros((), dtype=torch.float32)
-    L_res = response_loss(student_logits, teacher_logits, labels, counts[0]) if alpha else zero
-    L_vis = visual_loss(student_logits, teacher_logits, visual_mask, counts[1]) if beta else zero
-    L_rel = zero
-    if gamma:
-        v = min(student_logits.shape[-1], teacher_logits.shape[-1])  # L_rel on the shared vocabulary
-        s = student_logits if student_logits.shape[-1] == v else student_logits[..., :v]
-        L_rel = relation_loss(s, teacher_logits[..., :v], visual_mask, counts[2])
-    loss = alpha * L_res + beta * L_vis + gamma * L_rel
-    return loss, {"L_res": L_res.detach(), "L_vis": L_vis.detach(), "L_rel": L_rel.detach()}
+# L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel (1, 1, 0.5) [+ delta L_pro: Table A6's prompt tokens]
+#   but L_reg, and each term (0 if its weight is). counts: answer rows, visual rows, samples with an image, prompt rows
+def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0, beta=1.0, gamma=0.5, *,
+                 delta=0.0, attention_mask=None, counts=(None,) * 4):
+    s, t, v = student_logits, teacher_logits, min(student_logits.shape[-1], teacher_logits.shape[-1])
+    pad = torch.ones_like(visual_mask) if attention_mask is None else attention_mask
+    zero = s.new_zeros((), dtype=torch.float32)
+    terms = {"L_res": response_loss(s, t, labels, counts[0]) if alpha else zero,
+             "L_vis": visual_loss(s, t, visual_mask, counts[1]) if beta else zero,
+             "L_rel": relation_loss(s[..., :v], t[..., :v], visual_mask, counts[2]) if gamma else zero,
+             "L_pro": mean_kl(s, t, prompt_rows(labels, visual_mask, pad), counts[3]) if delta else zero}
+    loss = sum(w * x for w, x in zip((alpha, beta, gamma, delta), terms.values()))
+    return loss, {k: x.detach() for k, x in terms.items()}
 
 
-# The same sum, as the training loop computes it: from each model's last hidden states h [B, T, D] and head
-# weight W [V, D] (logits = h W^T), building logits one block of rows (L_reg, L_res, L_vis) or of vocabulary
-# columns (L_rel: R = Y Y^T = sum over column blocks c of (H W_c^T)(H W_c^T)^T) at a time. Neither model's
-# [B, T, V] logits ever exist, the prompt rows are never projected, and every term's gradient lands in one
-# place: h_s's and W_s's. Equal to next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T), in value and
-# gradient (tested). Without a teacher (h_t None) it is L_reg alone. Returns (loss, terms), as distill_loss.
-def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0, beta=1.0, gamma=0.5,
-               counts=(None, None, None)):
-    reg = response_rows(labels)
-    vis = visual_mask if (h_t is not None and beta) else torch.zeros_like(reg)
-    rel = visual_mask if (h_t is not None and gamma) else torch.zeros_like(reg)
-    n = [max(c or int(m.sum()), 1) for c, m in zip(counts, (reg, vis, rel.any(1)))]
-    loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, labels, reg, vis, rel, alpha if h_t is not None else 0.0, beta,
-                               gamma, *n)
-    names = ("L_reg", "L_res", "L_vis", "L_rel") if h_t is not None else ("L_reg",)
-    return loss, dict(zip(names, terms))
+# The lean path: L_reg + distill_loss from each model's last hidden states h [B, T, D] and head W [V, D] (logits h W^T)
+# without [B, T, V]: L_reg and KL rows in blocks of BLOCK logits of both models, with the textbook gradients; L_rel by
+# R = Y Y^T = h (W^T W) h^T, no vocabulary (m_t = W_t[:V]^T W_t[:V], V shared: fixed for a run, pass it).
+BLOCK = 2 ** 25
+
+
+def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0, beta=1.0, gamma=0.5, *,
+               delta=0.0, attention_mask=None, m_t=None, counts=(None,) * 4):
+    """(loss, terms) as next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T); without a teacher, L_reg alone."""
+    reg, none = response_rows(labels), torch.zeros_like(labels, dtype=torch.bool)
+    vis = none if visual_mask is None else visual_mask
+    pro = prompt_rows(labels, vis, torch.ones_like(vis) if attention_mask is None else attention_mask)
+    n = [float(c) if c is not None else max(int(m.sum()), 1) for c, m in zip(counts, (reg, vis, vis.any(1), pro))]
+    kd = [m if h_t is not None and w else none for m, w in ((reg, alpha), (vis, beta), (vis, gamma), (pro, delta))]
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)  # the token each row predicts
+    with torch.autocast(h_s.device.type, enabled=False):  # the dtypes are chosen inside
+        loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, m_t, target, [reg] + kd, n, (alpha, beta, gamma, delta))
+    return loss, dict(zip(("L_reg", "L_res", "L_vis", "L_rel", "L_pro") if h_t is not None else ("L_reg",), terms))
+
+
+def _gram(H, w, m=None):  # R = H W^T W H^T: from M = W^T W, or over vocabulary blocks (K V D: less than V D^2 if K < D)
+    if m is not None:
+        return H @ m.to(H.dtype) @ H.T
+    step = max(1, BLOCK // (4 * len(H)))
+    return sum(y @ y.T for y in (H @ w[c:c + step].to(H.dtype).T for c in range(0, len(w), step)))
 
 
 class _Fused(torch.autograd.Function):
-    """fused_loss's sum, with its gradients for h_s and W_s computed in the forward pass, block by block
-    (the backward only scales them): no [rows, V] tensor outlives its block."""
-
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, reg, vis, rel, alpha, beta, gamma, n_reg, n_vis, n_img):
-        dt, dev, teacher = torch.float32 if h_s.dtype != torch.float64 else h_s.dtype, h_s.device, h_t is not None
-        w_, w32 = w_s.to(h_s.dtype), w_s.to(dt)  # logits in the hidden states' dtype (bf16 under autocast)
-        wt_ = w_t.to(h_t.dtype) if teacher else None
-        v = min(w_s.shape[0], w_t.shape[0]) if teacher else w_s.shape[0]
-        g_h = torch.zeros_like(h_s, dtype=dt)
-        g_w = torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # L_reg, L_res, L_vis, L_rel before averaging
-        flat = lambda x: x.reshape(-1, x.shape[-1])
-        rows = (reg | vis).reshape(-1).nonzero().squeeze(1)
-        target = torch.cat([labels[:, 1:], labels[:, :1]], 1).reshape(-1)  # the token each row predicts
-        c_reg, c_kd = reg.reshape(-1).to(dt) / n_reg, alpha * reg.reshape(-1).to(dt) / n_reg + beta * vis.reshape(-1).to(dt) / n_vis
-        for idx in rows.split(max(1, FUSED_CHUNK // w_s.shape[0])):
-            hs = flat(h_s)[idx]
-            s = (hs @ w_.T).to(dt)  # [k, V_s]: this block's student logits
-            log_p = s.log_softmax(-1)
-            r = reg.reshape(-1)[idx]
-            nll = -log_p[r].gather(1, target[idx][r, None]).squeeze(1)  # L_reg: cross-entropy on the full vocabulary
-            sums[0] += nll.sum()
-            grad = log_p.exp() * c_reg[idx, None]  # d L_reg / d s = (softmax - onehot) / n
-            grad[r.nonzero().squeeze(1), target[idx][r]] -= c_reg[idx][r]
-            if teacher:
-                lp_s = s[:, :v].log_softmax(-1)
-                lp_t = (flat(h_t)[idx] @ wt_.T).to(dt)[:, :v].log_softmax(-1)
-                kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)  # KL(p_t || p_s) per row, on the shared vocabulary
-                sums[1] += kl[r].sum() * (alpha != 0)
-                sums[2] += kl[vis.reshape(-1)[idx]].sum()
-                grad[:, :v] += (lp_s.exp() - lp_t.exp()) * c_kd[idx, None]  # d KL / d s = p_s - p_t
-            flat(g_h)[idx] = grad @ w32
+    def forward(ctx, h_s, w_s, h_t, w_t, m_t, target, rows, n, weights):
+        (reg, res, vis, rel, pro), (alpha, beta, gamma, delta) = rows, weights
+        h_s, w_s, T, dt = h_s.detach(), w_s.detach(), h_s.shape[1], torch.promote_types(h_s.dtype, torch.float32)
+        v = min(len(w_s), len(w_t)) if h_t is not None else len(w_s)  # the shared vocabulary
+        w_h, w32 = w_s.to(h_s.dtype), w_s.to(dt)  # logits in h's dtype, as the model's head (bf16 under autocast)
+        g_h, g_w = torch.zeros_like(h_s, dtype=dt), torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
+        sums = torch.zeros(5, dtype=torch.float64, device=h_s.device)  # L_reg, L_res, L_vis, L_rel, L_pro, not averaged
+        kinds, target = [m.flatten().to(dt) for m in (res, vis, pro)], target.flatten()
+        w_reg = reg.flatten().to(dt) / n[0]  # each row's weight in L_reg and in the KL:
+        w_kl = alpha * kinds[0] / n[0] + beta * kinds[1] / n[1] + delta * kinds[2] / n[3]
+        def block(idx):  # rows idx of sum_r w_reg,r CE_r + w_kl,r KL_r: each row's CE and KL; dL/dh and dL/dW_s
+            hs = h_s.reshape(-1, h_s.shape[-1])[idx]
+            log_p = (hs @ w_h.T).to(dt).log_softmax(-1)
+            nll, kl = F.nll_loss(log_p, target[idx], reduction="none"), torch.zeros_like(log_p[:, 0])
+            # the two textbook gradients:  d CE / ds = softmax(s) - onehot(target),  d KL(p_t || p_s) / ds = p_s - p_t
+            g_s = log_p.exp().mul_(w_reg[idx, None]).scatter_add_(1, target[idx, None].clamp_min(0), -w_reg[idx, None])
+            if h_t is not None:
+                log_q = log_p if v == len(w_s) else log_p[:, :v].log_softmax(-1)
+                log_p_t = (h_t.reshape(-1, h_t.shape[-1])[idx] @ w_t.to(h_t.dtype).T)[:, :v].to(dt).log_softmax(-1)
+                p_t = log_p_t.exp()
+                kl = torch.linalg.vecdot(p_t, log_p_t.sub_(log_q))  # sum_j p_t (log p_t - log p_s), as mean_kl
+                g_s[:, :v] += log_q.exp().sub_(p_t).mul_(w_kl[idx, None])
+            g_h[idx // T, idx % T] = g_s @ w32
             if g_w is not None:
-                g_w += grad.T @ hs.to(dt)
-        if teacher and gamma:  # L_rel, per group of samples with the same number K of visual tokens
-            for b, pos in _visual_groups(rel):
-                rows_ = _visual_rows(b, pos)
-                H_s = torch.stack([h_s[i, p] for i, p in rows_]).to(dt)  # [n, K, D]: small (hidden, not logits)
-                H_t = torch.stack([h_t[i, p] for i, p in rows_]).to(dt)
-                w = max(1, CHUNK // H_s[..., 0].numel())
-                cols = [slice(c, min(c + w, v)) for c in range(0, v, w)]
-                R_s, R_t = (H.new_zeros(H.shape[0], H.shape[1], H.shape[1]) for H in (H_s, H_t))
-                for c in cols:
-                    for R, H, W in ((R_s, H_s, w_s), (R_t, H_t, w_t)):
-                        y = H @ W[c].T.to(dt)
-                        R.baddbmm_(y, y.transpose(1, 2))
-                loss, G2 = _one_minus_cos(R_s, R_t)
-                sums[3] += loss
-                G2 = G2 * (gamma / n_img)
-                g_H = torch.zeros_like(H_s)
-                # a second pass over the column blocks, recomputing Y_c: G needs all of R first, and keeping
-                # every Y_c would be the visual rows' whole logits
-                for c in cols:  # dL/dY = (G + G^T) Y,  dY/dH = W_c,  dY/dW_c = H
-                    W = w_s[c].to(dt)
-                    d_y = G2 @ (H_s @ W.T)
-                    g_H += d_y @ W
-                    if g_w is not None:
-                        g_w[c] += d_y.flatten(0, 1).T @ H_s.flatten(0, 1)
-                for (i, p), g in zip(rows_, g_H):
-                    g_h[i, p] += g
-        terms = sums.to(dt) / torch.tensor([n_reg, n_reg, n_vis, n_img], dtype=dt, device=dev)
-        ctx.grads = (g_h.to(h_s.dtype), None if g_w is None else g_w.to(w_s.dtype))
-        loss = terms[0] + alpha * terms[1] + beta * terms[2] + gamma * terms[3]
+                g_w.addmm_(g_s.T, hs.to(dt))
+            return nll, kl
+        for idx in ((w_reg != 0) | (w_kl != 0)).nonzero().flatten().split(max(1, BLOCK // (len(w_s) + v))):
+            nll, kl = block(idx)  # no [rows, V] tensor outlives its block
+            sums[[0, 1, 2, 4]] += torch.stack([nll.sum()] + [(kl * k[idx]).sum() for k in kinds]).double()
+        samples = rel.any(1).nonzero().flatten().tolist()
+        if samples:  # L_rel from R = H M H^T, M on the shared vocabulary; autograd on [K, D] and [D, D] tensors
+            with torch.enable_grad():
+                M_s = (w32[:v].T @ w32[:v]).requires_grad_()
+                H_s = [h_s[b][rel[b]].to(dt).requires_grad_() for b in samples]
+                dist = sum(relation_distance(H @ M_s @ H.T, _gram(h_t[b][rel[b]].to(dt), w_t[:v], m_t))
+                           for b, H in zip(samples, H_s))
+                *g_H, g_M = torch.autograd.grad(gamma / n[2] * dist.to(dt), H_s + [M_s])
+            sums[3] += dist.detach()
+            for b, g in zip(samples, g_H):
+                g_h[b][rel[b]] += g
+            if g_w is not None:  # M = W^T W:  dL/dW = W (dL/dM + dL/dM^T)
+                g_w[:v].addmm_(w32[:v], g_M + g_M.T)
+        terms = (sums / sums.new_tensor([n[0], n[0], n[1], n[2], n[3]])).to(dt)
+        # the gradients, made here: autograd releases them before the parameters take them, so without a copy
+        ctx.save_for_backward(g_h.to(h_s.dtype), None if g_w is None else g_w.to(w_s.dtype))
         ctx.mark_non_differentiable(terms)
-        return loss, terms
+        return terms[0] + alpha * terms[1] + beta * terms[2] + gamma * terms[3] + delta * terms[4], terms
 
     @staticmethod
     def backward(ctx, g, _):
-        g_h, g_w = ctx.grads
-        return g_h * g.to(g_h.dtype), None if g_w is None else g_w * g.to(g_w.dtype), *[None] * 12
+        return *(x if x is None or g == 1 else x * g for x in ctx.saved_tensors), *[None] * 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,22 +451,34 @@ class _Student(torch.nn.Module):
         super().__init__()
         self.llava = llava
 
-    def forward(self, input_ids, attention_mask, z_v, labels, h_t=None, w_t=None, weights=(1.0, 1.0, 0.5),
-                counts=(None, None, None)):
+    def forward(self, input_ids, attention_mask, z_v, labels, h_t=None, w_t=None, m_t=None,
+                weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4):
         h_s = llava_hidden(self.llava, input_ids, attention_mask, z_v)
         visual_mask = input_ids == self.llava.config.image_token_id
-        return fused_loss(h_s, self.llava.lm_head.weight, labels, visual_mask, h_t, w_t, *weights, counts=counts)
+        return fused_loss(h_s, self.llava.lm_head.weight, labels, visual_mask, h_t, w_t, *weights[:3], delta=weights[3],
+                          attention_mask=attention_mask, m_t=m_t, counts=counts)
 
 
-def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5), counts=(None, None, None)):
+def teacher_gram(teacher, model):
+    """M_t = W_t^T W_t over the vocabulary the two heads share: fixed for the run, so L_rel's teacher side costs
+    [K, D] x [D, D] products a step instead of the vocabulary."""
+    v = min(teacher.lm_head.weight.shape[0], model.lm_head.weight.shape[0])
+    w = teacher.lm_head.weight[:v].float()
+    return w.T @ w
+
+
+TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
+
+
+def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4, m_t=None):
     """One micro-batch's loss: L_reg in pt/sft; L_DPT = L_DFT = L_reg + alpha L_res + beta L_vis + gamma L_rel
-    with a teacher (dpt/dft). student runs the student (_Student, or DDP around it); model is its LLaVA. The
-    teacher gives its last hidden states and head weight only: fused_loss builds its logits block by block."""
+    (+ delta L_pro) with a teacher (dpt/dft). student runs the student (_Student, or DDP around it); model is its
+    LLaVA. The teacher gives its last hidden states and head weight only: fused_loss uses them block by block."""
     with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
         z_v = vision_features(model, b["pixel_values"]) if b["pixel_values"] is not None else None
         h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v) if teacher is not None else None
     w_t = teacher.lm_head.weight if teacher is not None else None
-    loss, terms = student(b["input_ids"], b["attention_mask"], z_v, b["labels"], h_t, w_t, weights, counts)
+    loss, terms = student(b["input_ids"], b["attention_mask"], z_v, b["labels"], h_t, w_t, m_t, weights, counts)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
@@ -770,6 +601,8 @@ def train(a):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     image_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
+    weights = (a.alpha, a.beta, a.gamma, a.delta)
+    m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     coll = functools.partial(data.collate, pad_token_id=pad_id)
 
     def micro_batches(step):
@@ -803,22 +636,22 @@ def train(a):
         micro = [next(batches) for _ in range(accum)]
         # each loss is a mean over the whole global batch: sums divided by the step's counts over every
         # micro-batch and process (not by each micro-batch's own), so N processes compute what 1 would
-        count = torch.tensor([[int(response_rows(b["labels"]).sum()), int((b["input_ids"] == image_id).sum()),
-                               int((b["input_ids"] == image_id).any(1).sum()), int(b["attention_mask"].sum())]
-                              for b in micro], dtype=torch.float64).sum(0).to(device)
+        count = torch.tensor([[int(m.sum()) for m in (response_rows(b["labels"]), vis, vis.any(1), b["attention_mask"],
+                                                      prompt_rows(b["labels"], vis, b["attention_mask"]))]
+                              for b in micro for vis in [b["input_ids"] == image_id]], dtype=torch.float64).sum(0).to(device)
         if ddp:
             dist.all_reduce(count)
-        n_res, n_vis, n_img = (max(float(c), 1.0) / world for c in count[:3])  # DDP averages over processes
-        logged = torch.zeros(5, dtype=torch.float64, device=device)  # loss, L_reg, L_res, L_vis, L_rel
+        # answer rows, visual rows, samples with an image, prompt rows; / world: DDP averages over processes
+        counts = [max(float(count[i]), 1.0) / world for i in (0, 1, 2, 4)]
+        logged = torch.zeros(6, dtype=torch.float64, device=device)  # loss, L_reg, L_res, L_vis, L_rel, L_pro
         for i, b in enumerate(micro):
             b = {k: v.to(device) if v is not None else None for k, v in b.items()}
             # only the last micro-step all-reduces the gradients; the others accumulate locally
             sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else student.no_sync()
             with sync, autocast:
-                loss, terms = stage_loss(student, model, teacher, b, (a.alpha, a.beta, a.gamma), (n_res, n_vis, n_img))
+                loss, terms = stage_loss(student, model, teacher, b, weights, counts, m_t)
             loss.backward()
-            logged += torch.stack([loss.detach()] + [terms.get(k, torch.zeros(())).to(device)
-                                                     for k in ("L_reg", "L_res", "L_vis", "L_rel")]).double()
+            logged += torch.stack([loss.detach()] + [terms.get(k, torch.zeros(())).to(device) for k in TERMS]).double()
         if ddp:
             dist.all_reduce(logged)
         logged /= world
@@ -830,7 +663,7 @@ def train(a):
         opt.zero_grad(set_to_none=True)
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if master:
-            rec = dict(zip(("loss", "L_reg", "L_res", "L_vis", "L_rel"), logged.tolist()))
+            rec = dict(zip(("loss",) + TERMS, logged.tolist()))
             rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0),
                        seconds=time.time() - t0, peak_gib=(torch.cuda.max_memory_allocated(device) if cuda else
                                                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
@@ -869,6 +702,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=1.0, help="weight of L_res (0: off)")
     p.add_argument("--beta", type=float, default=1.0, help="weight of L_vis (0: off)")
     p.add_argument("--gamma", type=float, default=0.5, help="weight of L_rel (0: off)")
+    p.add_argument("--delta", type=float, default=0.0, help="weight of the KL on the prompt tokens (Table A6; 0: off)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: Table A9, by stage)")
     p.add_argument("--global_batch_size", type=int, help="default: Table A9, by stage")
     p.add_argument("--batch_size", type=int, default=4, help="per process")
