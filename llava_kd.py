@@ -283,7 +283,7 @@ def chat_template_both_forms(tok, template, where):
             text = render(tok, t, PROBE[form])
         except Exception:  # a template written for the other form may fail on this one
             return None
-        return text if "<image>\nQUESTION" in text and "ANSWER" in text else None
+        return text if "<image>" in text and "ANSWER" in text else None
     for t in (template, TYPED_AS_STRING + template, STRING_AS_TYPED + template):
         if renders(t, "string") is not None and renders(t, "string") == renders(t, "typed"):
             return t
