@@ -523,6 +523,16 @@ def check_checkpoint(flag, path, kinds, what):
         raise data.UserError(f"--{flag} {path}: a {kind!r} checkpoint; expected {what}")
 
 
+def read_train_state(path):
+    """The step, counts, AdamW state and flags of a checkpoint, as tensors and plain values only: a pickled object
+    in a file someone shared could run code here, so weights_only refuses it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise data.UserError(f"--resume: {path} holds more than tensors and plain values, so it is not loaded "
+                             f"({type(e).__name__}); resume only from checkpoints this program wrote") from None
+
+
 def check_flags(a, world):
     """Every user error that flags alone can show, before any weights or data are read."""
     stage = STAGES[a.stage]
@@ -552,6 +562,10 @@ def train(a):
     # flags, paths and every sample are checked first: a typo costs seconds, not a teacher's loading time
     global_batch = check_flags(a, int(os.environ.get("WORLD_SIZE", 1)))
     samples = data.read_samples(a.data, a.images)
+    if len(samples) < global_batch:
+        raise data.UserError(f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
+                             f"lower --global_batch_size")
+    state = read_train_state(os.path.join(a.out, "checkpoint", "train_state.pt")) if a.resume else None
     # DDP, as nanoGPT: torchrun sets RANK; one process per device; gloo on CPU, NCCL on CUDA
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available() and not a.cpu
@@ -589,13 +603,10 @@ def train(a):
 
     ds = data.LlavaDataset(a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples)
     steps_per_epoch = len(ds) // global_batch
-    if steps_per_epoch == 0:
-        raise data.UserError(f"{a.data}: {len(ds)} samples are fewer than one global batch ({global_batch})")
     total = steps_per_epoch * a.epochs
     end = min(total, a.max_steps or total)  # --max_steps stops early; the schedule stays that of `total`
     step = 0
     if a.resume:
-        state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=False)
         if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
             raise data.UserError(f"--resume: {ckpt} was written with another data size, --global_batch_size or --seed")
         opt.load_state_dict(state["optimizer"])
@@ -658,13 +669,13 @@ def train(a):
         if not torch.isfinite(logged).all():  # every process sees the same numbers and stops together
             raise data.UserError(f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
                              f"saving, the last good checkpoint is in {ckpt}")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # the norm before clipping, logged
         opt.step()
         opt.zero_grad(set_to_none=True)
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if master:
             rec = dict(zip(("loss",) + TERMS, logged.tolist()))
-            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], tokens_per_s=count[3].item() / (time.time() - t0),
+            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_s=count[3].item() / (time.time() - t0),
                        seconds=time.time() - t0, peak_gib=(torch.cuda.max_memory_allocated(device) if cuda else
                                                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
             log.write(json.dumps(rec) + "\n")

@@ -75,6 +75,16 @@ def test_missing_flags_are_named(toy, student_dir, tmp_path, no_weights):
         llava_kd.main(args(toy, tmp_path, "pt", "pretrain") + ["--vision", f"{toy}/vision"])
 
 
+def test_a_teacher_where_none_is_taken_and_too_few_samples_are_named(toy, student_dir, tmp_path, no_weights):
+    with pytest.raises(SystemExit, match="^error: --stage sft takes no --teacher$"):
+        llava_kd.main(args(toy, tmp_path, "sft") + ["--init", student_dir, "--teacher", student_dir])
+    argv = replace(args(toy, tmp_path, "sft") + ["--init", student_dir], "--global_batch_size", "128")
+    argv = replace(argv, "--batch_size", "64")
+    with pytest.raises(SystemExit, match=r"^error: .*sft.json: 100 samples are fewer than one global batch \(128\); "
+                                         r"lower --global_batch_size$"):
+        llava_kd.main(argv)
+
+
 def test_bad_data_is_reported_before_any_weights_load(toy, student_dir, tmp_path, no_weights):
     rows = json.load(open(f"{toy}/data/sft.json"))
     rows[3]["conversations"] = rows[3]["conversations"][:1]  # a question with no answer
@@ -110,11 +120,13 @@ def test_log_after_a_crash_and_resume_holds_each_step_once(toy, student_dir, tmp
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
-def test_the_no_weights_guard_catches_a_load(toy, student_dir, no_weights):
+def test_the_no_weights_guard_catches_the_loads_training_makes(toy, student_dir, tmp_path, no_weights):
+    """The guard above is what makes "before any weights load" true: valid flags get past the checks to the first
+    load, through the same calls training makes for a new student and for --init."""
     with pytest.raises(AssertionError, match="weights were loaded"):
-        llava_kd.load_llava(student_dir)
+        llava_kd.main(args(toy, tmp_path, "sft") + ["--init", student_dir])
     with pytest.raises(AssertionError, match="weights were loaded"):
-        llava_kd.build_student(student_dir, f"{toy}/student_llm")
+        llava_kd.main(args(toy, tmp_path, "pt", "pretrain") + ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"])
 
 
 def test_toy_eval_names_a_wrong_model_dir():

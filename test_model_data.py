@@ -183,6 +183,8 @@ BAD = [
     ({"id": "x3", "image": "a.png", "conversations": turns("<image>\nQ?", "A")[::-1]}, "x3: turns must alternate"),
     ({"id": "x4", "image": "a.png", "conversations": turns("<image>\nQ?")}, "x4: turns must alternate"),
     ({"id": "x5", "image": "a.png", "conversations": []}, "x5: empty or missing 'conversations'"),
+    ({"id": "x6", "image": ["a.png", "a.png"], "conversations": turns("<image>\nQ?", "A")}, "x6: one image per sample"),
+    ({"id": "x7", "image": "a.png", "conversations": turns("<image>\n<image>\nQ?", "A")}, "x7: one image per sample"),
 ]
 
 
@@ -193,6 +195,32 @@ def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
     with pytest.raises(DataError, match=message) as e:
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
     assert path in str(e.value) and "1 bad sample" in str(e.value)
+
+
+def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
+    _, proc = student(toy)
+    (tmp_path / "obj.json").write_text(json.dumps({"id": "x", "conversations": []}))
+    with pytest.raises(DataError, match=f"^{tmp_path}/obj.json: not a readable LLaVA JSON list of samples"):
+        LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=200)
+    rows = [{"id": f"b{i}", "conversations": []} for i in range(25)]
+    with pytest.raises(DataError) as e:
+        LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)
+    lines = str(e.value).splitlines()
+    assert "25 bad sample(s)" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1] == "  ..."  # the first 20 named
+    assert lines[20] == "  sample b19: empty or missing 'conversations'"
+
+
+def test_a_chat_stage_needs_a_template_that_renders_a_llava_prompt(toy, tmp_path):
+    model, proc = student(toy)
+    path = write(tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}])
+    proc.chat_template = proc.tokenizer.chat_template = None
+    with pytest.raises(DataError, match="sft/dft render conversations with the model's chat template, and its "
+                                        "processor and tokenizer have none"):
+        LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
+    LlavaDataset(path, str(tmp_path), proc, chat=False, max_length=200)  # pt/dpt need none
+    proc.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # no content at all
+    with pytest.raises(data.UserError, match="^where: its chat template renders neither string nor typed content"):
+        llava_kd.prepare_chat(proc, model.generation_config, "where")
 
 
 def test_image_without_tag_is_put_at_the_start_of_the_first_human_turn(toy, tmp_path, capsys):

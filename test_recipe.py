@@ -11,17 +11,18 @@ ROWS = ["question-only prior (no image)", "teacher PT-SFT", "student PT-SFT", "s
 
 
 def test_toy_recipe_runs_end_to_end_and_prints_the_table(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "toy"), SEEDS="0 1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1",
+    env = dict(os.environ, OUT=str(tmp_path / "toy"), SEEDS="1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1",
                TOY_SEED="1")
     out = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "toy" / "table.md").read_text()
     lines = [l for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
     assert [l.split(" | ")[0][2:] for l in lines] == ROWS
-    assert all(l.endswith(f"| {2 if l.startswith('| student') else 1} |") for l in lines)  # seeds per row
+    assert all(l.endswith("| 1 |") for l in lines)  # seeds per row
     assert table.splitlines()[0] in out.stdout and "wall time" in out.stdout
     results = [json.loads(l) for l in open(tmp_path / "toy" / "results.jsonl")]
-    assert len(results) == 2 + 2 * 5 and all(0 <= r["accuracy"] <= 1 for r in results)
+    assert len(results) == 2 + 5  # exact-match counts over the 16 test questions
+    assert all(r["accuracy"] * 16 == round(r["accuracy"] * 16) for r in results)
     # the distilled stages ran with a teacher, the others without
     for stage, teacher in (("pt", False), ("dpt", True), ("pt-sft-dft", True), ("pt-sft-sft", False)):
         log = [json.loads(l) for l in open(tmp_path / "toy" / "seed1" / stage / "log.jsonl")]

@@ -1,5 +1,7 @@
 """The training loop on the toy setup: DDP equivalence, resume, every stage, NaN handling."""
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,22 +40,103 @@ def changed(a, b):
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
-def test_two_processes_end_with_the_weights_of_one(toy, ckpts, tmp_path):
-    common = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "3"]
-    llava_kd.main(args(toy, "dft", tmp_path / "one", *common))  # 1 process x 8 x 2 micro-steps
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "llava_kd.py",
-           *args(toy, "dft", tmp_path / "two", *common)]
-    cmd[cmd.index("--batch_size") + 1] = "4"  # 2 processes x 4 x 2 micro-steps: the same global batch of 16
+def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy, ckpts, tmp_path):
+    """A global batch of 16 as 1 x 16, as 1 process x 4 x 4 micro-steps, and as 2 processes x 4 x 2: the toy's
+    micro-batches differ in answer rows, visual rows and images (text-only rows), so a loop that divided each
+    micro-batch by its own counts would not end where one batch of 16 does."""
+    common = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "2"]
+    def run(out, batch):
+        argv = args(toy, "dft", tmp_path / out, *common)
+        argv[argv.index("--batch_size") + 1] = batch
+        return argv
+    llava_kd.main(run("one", "16"))
+    llava_kd.main(run("accum", "4"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "llava_kd.py", *run("two", "4")]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    one, two, start = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(ckpts / "student")
+    one, start = weights(tmp_path / "one"), weights(ckpts / "student")
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4  # training moved the weights
     # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8 the rounding of
-    # another summation order reaches the update (3e-6 seen after 3 steps); a data-parallel bug moves weights ~lr
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=0, atol=1e-5, msg=k)
-    logs = [[json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
-    for a, b in zip(*logs):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["L_vis"] == pytest.approx(b["L_vis"], rel=1e-5)
+    # another summation order reaches the update (~3e-6 seen); a wrong mean moves weights by ~lr = 1e-3
+    for other in ("accum", "two"):
+        w = weights(tmp_path / other)
+        for k in one:
+            torch.testing.assert_close(one[k], w[k], rtol=0, atol=1e-5, msg=f"{other}: {k}")
+    logs = {d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "accum", "two")}
+    assert [len(x) for x in logs.values()] == [2, 2, 2]
+    for d in ("accum", "two"):
+        for a, b in zip(logs["one"], logs[d]):
+            for k in ("loss", "L_reg", "L_res", "L_vis", "L_rel"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (d, k)
+
+
+@pytest.mark.parametrize("stage", ["dpt", "dft"])
+def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts, tmp_path, stage):
+    """One logged step (8 samples in 2 micro-batches, every term on) and its gradient, against float64 math (test_losses.reference,
+    written from the equations) on the logits of the stock LlavaForConditionalGeneration forward of both models."""
+    import data
+    from test_losses import NAMES, reference
+    flags = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--max_steps", "1", "--delta", "0.3"]
+    argv = args(toy, stage, tmp_path, *flags)
+    argv[argv.index("--global_batch_size") + 1], argv[argv.index("--batch_size") + 1] = "8", "4"
+    llava_kd.main(argv)
+    (rec,) = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    # the step's samples, in the loop's order, through the loop's own processor set-up
+    model, proc = llava_kd.load_llava(ckpts / "student")
+    llava_kd.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
+    teacher = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
+    ds = data.LlavaDataset(argv[argv.index("--data") + 1], f"{toy}/data/images", proc, chat=stage == "dft", max_length=2048)
+    sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    rows = [ds[i] for i in list(sampler)[:8]]
+    b = data.collate(rows, proc.tokenizer.pad_token_id)
+    visual = b["input_ids"] == model.config.image_token_id
+    # float64: the stock forward of each model, then the equations
+    s64, t64 = copy.deepcopy(model).double(), copy.deepcopy(teacher).double()
+    llava_kd.apply_stage(s64, stage)
+    inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"].double())
+    with torch.no_grad():
+        t = t64(**inputs).logits
+    ref = reference(s64(**inputs).logits, t, b["labels"], visual, b["attention_mask"])
+    for k, x in zip(NAMES, ref):
+        assert rec[k] == pytest.approx(float(x), rel=2e-5, abs=1e-9), k
+    ref_loss = ref[0] + ref[1] + ref[2] + 0.5 * ref[3] + 0.3 * ref[4]
+    assert rec["loss"] == pytest.approx(float(ref_loss), rel=2e-5)
+    names = [n for n, p in s64.named_parameters() if p.requires_grad]
+    want = dict(zip(names, torch.autograd.grad(ref_loss, [p for p in s64.parameters() if p.requires_grad])))
+    # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's counts
+    llava_kd.apply_stage(model, stage)
+    model.model.vision_tower = teacher.model.vision_tower  # shared, as load_teacher does (the same weights here)
+    counts = [float(m.sum()) for m in (llava_kd.response_rows(b["labels"]), visual, visual.any(1),
+                                       llava_kd.prompt_rows(b["labels"], visual, b["attention_mask"]))]
+    for i in (0, 4):
+        mb = data.collate(rows[i:i + 4], proc.tokenizer.pad_token_id)
+        loss, _ = llava_kd.stage_loss(llava_kd._Student(model), model, teacher, mb, (1.0, 1.0, 0.5, 0.3), counts,
+                                      llava_kd.teacher_gram(teacher, model))
+        loss.backward()
+    got = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(got[n].grad.double(), want[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_lr_follows_table_a9_and_gradients_are_clipped_to_one(toy, ckpts, tmp_path, monkeypatch):
+    # Table A9: warm-up over the first 3% of the steps, then cosine decay to 0; written out for 100 steps, peak 1e-3
+    want = {0: 1e-3 / 3, 1: 2e-3 / 3, 2: 1e-3, 3: 1e-3, 50: 0.5e-3 * (1 + math.cos(math.pi * 47 / 97)),
+            99: 0.5e-3 * (1 + math.cos(math.pi * 96 / 97))}
+    for step, lr in want.items():
+        assert llava_kd.lr_at(step, 100, 1e-3) == pytest.approx(lr, rel=1e-12)
+    norms = []  # the gradient's norm when the optimizer steps: after clipping
+    step = torch.optim.AdamW.step
+    def recording_step(self, *a, **kw):
+        norms.append(float(torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]]).norm()))
+        return step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    llava_kd.main(args(toy, "sft", tmp_path, "--init", str(ckpts / "student"), "--max_steps", "3", "--lr", "1e-3"))
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    total = len(json.load(open(f"{toy}/data/sft.json"))) // 16
+    assert [r["lr"] for r in log] == pytest.approx([llava_kd.lr_at(s, total, 1e-3) for s in range(3)], rel=1e-12)
+    for r, n in zip(log, norms):
+        assert n == pytest.approx(min(r["grad_norm"], 1.0), rel=1e-5)
+    assert max(r["grad_norm"] for r in log) > 1  # the toy's first steps are clipped: the test sees clipping act
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
@@ -69,6 +152,43 @@ def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
     assert steps == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="another data size, --global_batch_size or --seed"):
         llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--seed", "1", "--resume"))
+
+
+def test_resume_across_an_epoch_boundary_and_refusals(toy, ckpts, tmp_path):
+    """100 samples / 16 = 6 steps an epoch: stopped at step 5, resumed into the second epoch, it ends where an
+    uninterrupted run does. Another global batch, and a train_state.pt holding pickled code, are refused."""
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1", "--epochs", "2"]
+    llava_kd.main(args(toy, "sft", tmp_path / "whole", *common, "--max_steps", "8"))
+    llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "5"))
+    llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "8", "--resume"))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    other = args(toy, "sft", tmp_path / "parts", *common, "--resume")
+    other[other.index("--global_batch_size") + 1] = "8"
+    with pytest.raises(SystemExit, match="another data size, --global_batch_size or --seed"):
+        llava_kd.main(other)
+    path = tmp_path / "parts" / "checkpoint" / "train_state.pt"
+    state = torch.load(path, weights_only=True)  # what this program writes loads as plain data
+    torch.save(dict(state, hook=os.system), path)  # a shared checkpoint carrying a callable
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "9", "--resume"))
+    assert str(e.value).startswith(f"error: --resume: {path} holds more than tensors and plain values")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag", [["--grad_checkpointing"], ["--workers", "2"]])
+def test_grad_checkpointing_and_loader_workers_do_not_change_a_step(toy, ckpts, tmp_path, flag):
+    common = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "2"]
+    llava_kd.main(args(toy, "dft", tmp_path / "plain", *common))
+    argv = args(toy, "dft", tmp_path / "flag", *common, *flag)
+    if flag[0] == "--workers":
+        del argv[argv.index("--workers"):argv.index("--workers") + 2]  # only the flag's own value
+    llava_kd.main(argv)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "flag")
+    assert changed(a, weights(ckpts / "student"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("stage", ["pt", "dpt", "sft", "dft"])
@@ -102,7 +222,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy, ckpts, t
     with pytest.raises(SystemExit, match=r"at step (\d+); stopped without saving") as e:
         llava_kd.main(args(toy, "sft", tmp_path, *extra))
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
-    state = torch.load(tmp_path / "checkpoint" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint" / "train_state.pt", weights_only=True)
     assert 1 <= state["step"] == bad_step - 1
     transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint")
     assert not os.path.exists(tmp_path / "checkpoint.tmp")
