@@ -1,6 +1,7 @@
 """Peak memory and seconds a step of each stage at the paper's widths, through `llava_kd.py train`.
 
     python bench_scale.py [--layers 2] [--batch 2] [--steps 1] [--stages sft dpt dft] [--dir DIR]
+    python bench_scale.py --stages dft --nproc 2 [--fsdp]      # DDP or FSDP2 over 2 processes (torchrun)
 
 Models are built from configs with the real widths and vocabulary (nothing downloaded; random weights, depth cut
 to --layers): vision SigLIP-so400m-patch14-384 (1152 wide, 384px, 729 visual tokens), teacher LLM Qwen1.5-4B
@@ -62,13 +63,17 @@ def setup(d, layers, n_samples, text_tokens):
                for p in transformers.LlavaForConditionalGeneration.from_pretrained(f"{d}/teacher").parameters())
 
 
-def run(d, stage, batch, steps):
+def run(d, stage, batch, steps, nproc=1, fsdp=False):
     extra = {"sft": ["--init", f"{d}/student"], "dft": ["--init", f"{d}/student", "--teacher", f"{d}/teacher"],
              "dpt": ["--init", f"{d}/student", "--teacher", f"{d}/teacher"], "pt": ["--init", f"{d}/student"]}[stage]
     out = f"{d}/out-{stage}"
-    cmd = [sys.executable, "llava_kd.py", "train", "--stage", stage, "--data", f"{d}/data.json", "--images",
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                 if nproc > 1 else [])
+    cmd = [*launch, "llava_kd.py", "train", "--stage", stage, "--data", f"{d}/data.json", "--images",
            f"{d}/images", "--out", out, "--batch_size", str(batch), "--global_batch_size", str(batch), "--max_steps",
-           str(steps), "--max_length", "2048", "--workers", "0", "--grad_checkpointing", "--save_every", "0", *extra]
+           str(steps), "--max_length", "2048", "--workers", "0", "--grad_checkpointing", "--save_every", "0", *extra,
+           *(["--fsdp"] if fsdp else [])]
+    cmd[cmd.index("--global_batch_size") + 1] = str(batch * nproc)
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
     log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
     return max(r["peak_gib"] for r in log), min(r["seconds"] for r in log), log[-1]["tokens_per_s"]
@@ -82,6 +87,8 @@ def main():
     ap.add_argument("--text_tokens", type=int, default=750)
     ap.add_argument("--stages", nargs="+", default=["sft", "dpt", "dft"])
     ap.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun); peak memory is rank 0's")
+    ap.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
     a = ap.parse_args()
     d = a.dir or tempfile.mkdtemp()
     teacher_bytes = setup(d, a.layers, a.batch, a.text_tokens)
@@ -89,10 +96,11 @@ def main():
     logits = a.batch * tokens * V * 4
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"{device}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; teacher parameters "
-          f"{teacher_bytes / 2 ** 30:.2f} GiB; student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB")
+          f"{teacher_bytes / 2 ** 30:.2f} GiB; student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB; "
+          f"{a.nproc} process(es), {'FSDP2' if a.fsdp else 'DDP' if a.nproc > 1 else 'no wrapper'}")
     peak = {}
     for stage in a.stages:
-        peak[stage], seconds, tps = run(d, stage, a.batch, a.steps)
+        peak[stage], seconds, tps = run(d, stage, a.batch, a.steps, a.nproc, a.fsdp)
         print(f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   {tps:8.0f} tokens/s")
     if "sft" in peak and "dft" in peak:
         budget = peak["sft"] + (teacher_bytes + 0.25 * logits) / 2 ** 30

@@ -1,9 +1,12 @@
 """LLaVA-KD (ICCV 2025, arXiv 2410.16236), minimal and exact.
 
     python llava_kd.py train --stage dpt --data JSON --images DIR --vision DIR --llm DIR --teacher DIR --out DIR
-    torchrun --standalone --nproc_per_node=8 llava_kd.py train --stage dft ... --init DIR --teacher DIR
-    bash train.sh                                                        # the whole recipe (README)
+    torchrun --standalone --nproc_per_node=8 llava_kd.py train --stage dft ... --init DIR --teacher DIR [--fsdp]
+    torchrun --nnodes=2 --node_rank=R --master_addr=ADDR --master_port=29500 --nproc_per_node=8 llava_kd.py train ...
+    bash train.sh                                              # the whole recipe: toy with no settings (README)
 
+Each stage writes OUT/ (model.safetensors, config.json, the processor: stock from_pretrained loads it), OUT/log.jsonl
+(every loss term, lr, grad_norm, tokens/s, peak memory per step) and OUT/checkpoint/ (for --resume).
 Sections, top to bottom: the losses (paper Sec. 3: MDist = L_res + L_vis, RDist = L_rel, and their sum
 L_DPT / L_DFT), the model wrapper and the stage table (Table A9), the training loop. The toy lives in toy.py.
 """
@@ -28,8 +31,8 @@ from tqdm import tqdm
 import data
 
 # ------------------------------------------------------------------------------------------------
-# Losses (paper Sec. 3), plain tensors in: copy this section as it is. logits [B, T, V]; labels [B, T], -100 but on
-# answers; visual_mask [B, T] bool, True at image tokens. Math in float32 at least; the KL on the shared leading vocabulary.
+# Losses (paper Sec. 3), plain tensors in: copy this section as it is. logits [B, T, V]; labels [B, T], -100 except on
+# answer tokens; visual_mask [B, T] bool, True at image tokens. Math in float32 at least; KL on the shared vocabulary.
 # Sums are divided once, by their count or by the one given (num_rows, num_samples, counts: over a global batch).
 
 def response_rows(labels):  # [B, T] bool: the rows of logits that predict an answer token (row m-1 predicts m)
@@ -436,8 +439,8 @@ def llava_logits(model, input_ids, attention_mask, z_v):
     return model.lm_head(llava_hidden(model, input_ids, attention_mask, z_v))
 
 
-def save_checkpoint_files(model, processor, out):
-    model.save_pretrained(out)  # safetensors
+def save_checkpoint_files(model, processor, out, state_dict=None):
+    model.save_pretrained(out, state_dict=state_dict)  # safetensors; state_dict: FSDP's gathered full one
     processor.save_pretrained(out)
 
 
@@ -482,6 +485,26 @@ def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
+def shard(student, model, cuda):
+    """FSDP2 instead of DDP: parameters, gradients and AdamW state split over the processes. Each decoder layer is a
+    group; the root group (embeddings, final norm, head, projector) is whole through the root's forward, where
+    fused_loss reads the head (tied to the embeddings or not). The frozen vision tower, shared with the teacher and run
+    before the student, stays whole on every process; so does the teacher (frozen: no gradients or optimizer state)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else MixedPrecisionPolicy()
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(student, mp_policy=mp, ignored_params=set(model.model.vision_tower.parameters()))
+
+
+def full_state(student, opt):
+    """FSDP: the whole model's and optimizer's state dicts, gathered (every process takes part; rank 0 saves them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k[len("llava."):]: v for k, v in get_model_state_dict(student, options=full).items()}
+    return weights, get_optimizer_state_dict(student, opt, options=full)
+
+
 def lr_at(step, total, peak, warmup_ratio=0.03):
     """Linear warmup over the first 3% of the steps, then cosine decay to 0 (Table A9)."""
     warmup = max(1, math.ceil(total * warmup_ratio))
@@ -490,12 +513,12 @@ def lr_at(step, total, peak, warmup_ratio=0.03):
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def save_checkpoint(model, processor, state, out):
+def save_checkpoint(model, processor, state, out, state_dict=None):
     """out/checkpoint/: model + processor (stock from_pretrained loads it) + train_state.pt for --resume.
     Written beside it and renamed into place, so a crash while saving leaves the previous one whole."""
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint_files(model, processor, tmp)
+    save_checkpoint_files(model, processor, tmp, state_dict)
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     if os.path.exists(final):
         os.replace(final, old)
@@ -552,6 +575,8 @@ def check_flags(a, world):
         raise data.UserError(f"--stage {a.stage} " + ("needs --teacher DIR" if stage["teacher"] else "takes no --teacher"))
     if a.resume and not os.path.isfile(os.path.join(a.out, "checkpoint", "train_state.pt")):
         raise data.UserError(f"--resume: no checkpoint in {os.path.join(a.out, 'checkpoint')} to continue from")
+    if a.fsdp and "RANK" not in os.environ:
+        raise data.UserError("--fsdp shards the student over processes: start it with torchrun (train.sh: FSDP=1)")
     if not (a.resume or a.init or (a.vision and a.llm)):
         raise data.UserError("give --init DIR (a previous stage's output) or --vision DIR --llm DIR (a new student)")
     return global_batch
@@ -594,11 +619,14 @@ def train(a):
     if a.grad_checkpointing:
         # transformers >= 5.x renames gradient_checkpointing_enable (kept as a deprecated alias)
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if a.fsdp:
+        student = shard(_Student(model), model, cuda)
+    elif ddp:  # text-only micro-batches leave the projector unused: DDP must then look for unused parameters
+        student = DDP(_Student(model), device_ids=[device.index] if cuda else None, find_unused_parameters=stage["chat"])
+    else:
+        student = _Student(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # text-only micro-batches leave the projector unused: DDP must then look for unused parameters
-    student = DDP(_Student(model), device_ids=[device.index] if cuda else None,
-                  find_unused_parameters=stage["chat"]) if ddp else _Student(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     ds = data.LlavaDataset(a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples)
@@ -609,7 +637,11 @@ def train(a):
     if a.resume:
         if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
             raise data.UserError(f"--resume: {ckpt} was written with another data size, --global_batch_size or --seed")
-        opt.load_state_dict(state["optimizer"])
+        if a.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(student, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         step = state["step"]
     image_id, pad_id = model.config.image_token_id, processor.tokenizer.pad_token_id
     weights = (a.alpha, a.beta, a.gamma, a.delta)
@@ -658,7 +690,10 @@ def train(a):
         for i, b in enumerate(micro):
             b = {k: v.to(device) if v is not None else None for k, v in b.items()}
             # only the last micro-step all-reduces the gradients; the others accumulate locally
-            sync = contextlib.nullcontext() if (not ddp or i == accum - 1) else student.no_sync()
+            last = i == accum - 1
+            if a.fsdp:
+                student.set_requires_gradient_sync(last)
+            sync = student.no_sync() if ddp and not a.fsdp and not last else contextlib.nullcontext()
             with sync, autocast:
                 loss, terms = stage_loss(student, model, teacher, b, weights, counts, m_t)
             loss.backward()
@@ -670,21 +705,24 @@ def train(a):
             raise data.UserError(f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
                              f"saving, the last good checkpoint is in {ckpt}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # the norm before clipping, logged
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
+        if save:  # under FSDP every process takes part in gathering the full state
+            full_weights, opt_state = full_state(student, opt) if a.fsdp else (None, opt.state_dict())
         if master:
             rec = dict(zip(("loss",) + TERMS, logged.tolist()))
-            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), tokens_per_s=count[3].item() / (time.time() - t0),
-                       seconds=time.time() - t0, peak_gib=(torch.cuda.max_memory_allocated(device) if cuda else
-                                                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30)
+            peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), seconds=time.time() - t0,
+                       tokens_per_s=count[3].item() / (time.time() - t0), peak_gib=peak / 2 ** 30)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
             if save:
-                state = dict(step=step + 1, total=total, global_batch=global_batch, seed=a.seed,
-                             optimizer=opt.state_dict(), args=vars(a))
-                save_checkpoint(model, processor, state, a.out)
+                state = dict(step=step + 1, total=total, global_batch=global_batch, seed=a.seed, optimizer=opt_state,
+                             args=vars(a))
+                save_checkpoint(model, processor, state, a.out, full_weights)
         if ddp and save:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
     if master:
@@ -701,7 +739,11 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="one stage: pt, dpt, sft or dft")
+    p = sub.add_parser("train", help="one stage: pt, dpt, sft or dft", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="One stage of the recipe (Table A9's lr and global batch by default). One process: "
+                       "python llava_kd.py train ...; one node: torchrun --standalone --nproc_per_node=N llava_kd.py "
+                       "train ...; several nodes: torchrun --nnodes, --node_rank, --master_addr on each.\nOutputs: --out "
+                       "holds the model and processor, log.jsonl and checkpoint/ (--resume continues from it).")
     p.add_argument("--stage", required=True, choices=list(STAGES))
     p.add_argument("--data", required=True, help="LLaVA JSON")
     p.add_argument("--images", required=True, help="folder the JSON's image paths are relative to")
@@ -726,6 +768,8 @@ def main(argv=None):
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    p.add_argument("--fsdp", action="store_true", help="shard the student over the processes (FSDP2) instead of DDP: "
+                   "for students whose weights, gradients and AdamW state do not fit one GPU")
     a = ap.parse_args(argv)
     try:
         train(a)

@@ -17,12 +17,20 @@
 #   NGPU          processes (default: every GPU, or 1 on a CPU machine)
 #   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
 #   EXTRA         more flags for every stage, e.g. "--grad_checkpointing --max_length 2048"
+#   FSDP=1        shard the student over the processes (FSDP2) instead of DDP: students that outgrow one GPU
+#   NNODES        nodes (default 1: torchrun --standalone); with more, on every node the same command with
+#   NODE_RANK     this node's rank (0 .. NNODES-1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 29500)
 #   SEEDS         toy recipe only: student seeds (default "0 1 2")
 #   TOY_SEED      toy recipe only: the seed of the toy setup, shared by every student seed (data, tower, LLMs; default 0)
 set -euo pipefail
 cd "$(dirname "$0")"
 NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-RUN="torchrun --standalone --nproc_per_node=$NGPU llava_kd.py train"
+if [ "${NNODES:-1}" -gt 1 ]; then  # torchrun's own rendezvous: node 0 listens on MASTER_ADDR:MASTER_PORT
+  NODES="--nnodes=$NNODES --node_rank=${NODE_RANK:?set NODE_RANK} --master_addr=${MASTER_ADDR:?set MASTER_ADDR} --master_port=${MASTER_PORT:-29500}"
+else
+  NODES="--standalone"
+fi
+RUN="torchrun $NODES --nproc_per_node=$NGPU llava_kd.py train $([ "${FSDP:-0}" = 1 ] && echo --fsdp || true)"
 EXTRA=${EXTRA:-}
 
 if [ -n "${INIT:-}" ]; then
