@@ -100,9 +100,8 @@ def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0,
     return loss, {k: x.detach() for k, x in terms.items()}
 
 
-# The lean path: L_reg + distill_loss from each model's last hidden states h [B, T, D] and head W [V, D] (logits h W^T)
-# without [B, T, V]: L_reg and KL rows in blocks of BLOCK logits of both models, with the textbook gradients; L_rel by
-# R = Y Y^T = h (W^T W) h^T, no vocabulary (m_t = W_t[:V]^T W_t[:V], V shared: fixed for a run, pass it).
+# The lean path, from each model's last hidden states h [B, T, D] and head W [V, D], never [B, T, V]: L_reg and KL rows
+# in blocks of BLOCK logits of both models; L_rel by R = h (W^T W) h^T (m_t = W_t^T W_t: fixed for a run, pass it).
 BLOCK = 2 ** 25
 
 
@@ -121,10 +120,9 @@ def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0
 
 
 def _gram(H, w, m=None):  # R = H W^T W H^T: from M = W^T W, or over vocabulary blocks (K V D: less than V D^2 if K < D)
-    if m is not None:
-        return H @ m.to(H.dtype) @ H.T
     step = max(1, BLOCK // (4 * len(H)))
-    return sum(y @ y.T for y in (H @ w[c:c + step].to(H.dtype).T for c in range(0, len(w), step)))
+    return H @ m.to(H.dtype) @ H.T if m is not None else sum(
+        y @ y.T for y in (H @ w[c:c + step].to(H.dtype).T for c in range(0, len(w), step)))
 
 
 class _Fused(torch.autograd.Function):
