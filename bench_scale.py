@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
     a = ap.parse_args()
     d = a.dir or tempfile.mkdtemp()
-    teacher_bytes = setup(d, a.layers, a.batch, a.text_tokens)
+    teacher_bytes = setup(d, a.layers, a.batch * a.nproc, a.text_tokens)
     tokens = 729 + a.text_tokens + 20
     logits = a.batch * tokens * V * 4
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
