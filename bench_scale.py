@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun); peak memory is rank 0's")
     ap.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
     a = ap.parse_args()
-    d = a.dir or tempfile.mkdtemp()
+    tmp = None if a.dir else tempfile.TemporaryDirectory()  # ~17 GB of checkpoints: removed at exit
+    d = a.dir or tmp.name
     teacher_bytes = setup(d, a.layers, a.batch * a.nproc, a.text_tokens)
     tokens = 729 + a.text_tokens + 20
     logits = a.batch * tokens * V * 4
