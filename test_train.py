@@ -290,12 +290,14 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
 
 def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts, tmp_path):
     """Two torchrun launches, --nnodes 2, one process each, meeting on localhost: torchrun's own rendezvous."""
-    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--max_steps", "2"]
-    llava_kd.main(args(toy, "sft", tmp_path / "one", *common))
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--max_steps", "1"]
     port = str(29500 + os.getpid() % 1000)
     node = lambda r: ["--nnodes=2", f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}"]
     argv = args(toy, "sft", tmp_path / "two", *common)  # 2 nodes x 1 process x 8 x 1 micro-step
-    finish(torchrun(*argv, nproc=1, extra=node(0)), torchrun(*argv, nproc=1, extra=node(1)))
+    nodes = [torchrun(*argv, nproc=1, extra=node(r)) for r in (0, 1)]
+    llava_kd.main(args(toy, "sft", tmp_path / "one", *common))  # 1 process x 8 x 2, while the nodes run
+    finish(*nodes)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert changed(one, weights(ckpts / "student"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
