@@ -101,7 +101,7 @@ def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0,
 
 
 # The lean path, from each model's last hidden states h [B, T, D] and head W [V, D], never [B, T, V]: L_reg and KL rows
-# in blocks of BLOCK logits of both models; L_rel by R = h (W^T W) h^T (m_t = W_t^T W_t: fixed for a run, pass it).
+# in blocks of BLOCK logits of both models; L_rel by R = h (W^T W) h^T (m_t = W_t[:V]^T W_t[:V], V shared: pass it).
 BLOCK = 2 ** 25
 
 
@@ -130,7 +130,7 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, h_s, w_s, h_t, w_t, m_t, target, rows, n, weights):
         (reg, res, vis, rel, pro), (alpha, beta, gamma, delta) = rows, weights
         h_s, w_s, T, dt = h_s.detach(), w_s.detach(), h_s.shape[1], torch.promote_types(h_s.dtype, torch.float32)
-        v = min(len(w_s), len(w_t)) if h_t is not None else len(w_s)  # the shared vocabulary
+        v, wt_h = (min(len(w_s), len(w_t)), w_t.to(h_t.dtype)) if h_t is not None else (len(w_s), None)  # shared V
         w_h, w32 = w_s.to(h_s.dtype), w_s.to(dt)  # logits in h's dtype, as the model's head (bf16 under autocast)
         g_h, g_w = torch.zeros_like(h_s, dtype=dt), torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
         sums = torch.zeros(5, dtype=torch.float64, device=h_s.device)  # L_reg, L_res, L_vis, L_rel, L_pro, not averaged
@@ -145,7 +145,7 @@ class _Fused(torch.autograd.Function):
             g_s = log_p.exp().mul_(w_reg[idx, None]).scatter_add_(1, target[idx, None].clamp_min(0), -w_reg[idx, None])
             if h_t is not None:
                 log_q = log_p if v == len(w_s) else log_p[:, :v].log_softmax(-1)
-                log_p_t = (h_t.reshape(-1, h_t.shape[-1])[idx] @ w_t.to(h_t.dtype).T)[:, :v].to(dt).log_softmax(-1)
+                log_p_t = (h_t.reshape(-1, h_t.shape[-1])[idx] @ wt_h.T)[:, :v].to(dt).log_softmax(-1)
                 p_t = log_p_t.exp()
                 kl = torch.linalg.vecdot(p_t, log_p_t.sub_(log_q))  # sum_j p_t (log p_t - log p_s), as mean_kl
                 g_s[:, :v] += log_q.exp().sub_(p_t).mul_(w_kl[idx, None])
