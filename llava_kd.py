@@ -102,17 +102,16 @@ def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0,
 
 # The lean path, from each model's last hidden states h [B, T, D] and head W [V, D], never [B, T, V]: L_reg and KL rows
 # in blocks of BLOCK logits of both models; L_rel by R = h (W^T W) h^T (m_t = W_t[:V]^T W_t[:V], V shared: pass it).
-BLOCK = 2 ** 25
+BLOCK = 2 ** 26
 
 
 def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0, beta=1.0, gamma=0.5, *,
                delta=0.0, attention_mask=None, m_t=None, counts=(None,) * 4):
     """(loss, terms) as next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T); without a teacher, L_reg alone."""
-    reg, none = response_rows(labels), torch.zeros_like(labels, dtype=torch.bool)
-    vis = none if visual_mask is None else visual_mask
+    reg, vis = response_rows(labels), torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
     pro = prompt_rows(labels, vis, torch.ones_like(vis) if attention_mask is None else attention_mask)
     n = [float(c) if c is not None else max(int(m.sum()), 1) for c, m in zip(counts, (reg, vis, vis.any(1), pro))]
-    kd = [m if h_t is not None and w else none for m, w in ((reg, alpha), (vis, beta), (vis, gamma), (pro, delta))]
+    kd = [m & (h_t is not None and w != 0) for m, w in ((reg, alpha), (vis, beta), (vis, gamma), (pro, delta))]
     target = F.pad(labels[:, 1:], (0, 1), value=-100)  # the token each row predicts
     with torch.autocast(h_s.device.type, enabled=False):  # the dtypes are chosen inside
         loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, m_t, target, [reg] + kd, n, (alpha, beta, gamma, delta))
@@ -137,25 +136,26 @@ class _Fused(torch.autograd.Function):
         kinds, target = [m.flatten().to(dt) for m in (res, vis, pro)], target.flatten()
         w_reg = reg.flatten().to(dt) / n[0]  # each row's weight in L_reg and in the KL:
         w_kl = alpha * kinds[0] / n[0] + beta * kinds[1] / n[1] + delta * kinds[2] / n[3]
-        def block(idx):  # rows idx of sum_r w_reg,r CE_r + w_kl,r KL_r: each row's CE and KL; dL/dh and dL/dW_s
-            hs = h_s.reshape(-1, h_s.shape[-1])[idx]
+        def block(idx):  # rows idx: each row's CE and KL, their gradients into dL/dh and dL/dW_s; in place where it can
+            hs, r = h_s.reshape(-1, h_s.shape[-1])[idx], idx[:, None]
             log_p = (hs @ w_h.T).to(dt).log_softmax(-1)
-            nll, kl = F.nll_loss(log_p, target[idx], reduction="none"), torch.zeros_like(log_p[:, 0])
-            # the two textbook gradients:  d CE / ds = softmax(s) - onehot(target),  d KL(p_t || p_s) / ds = p_s - p_t
-            g_s = log_p.exp().mul_(w_reg[idx, None]).scatter_add_(1, target[idx, None].clamp_min(0), -w_reg[idx, None])
-            if h_t is not None:
+            nll, kl = F.nll_loss(log_p, target[idx], reduction="none"), torch.zeros_like(idx, dtype=dt)
+            if h_t is not None:  # KL(p_t || p_s) = sum_j p_t (log p_t - log p_s) on the shared vocabulary, as mean_kl
                 log_q = log_p if v == len(w_s) else log_p[:, :v].log_softmax(-1)
                 log_p_t = (h_t.reshape(-1, h_t.shape[-1])[idx] @ wt_h.T)[:, :v].to(dt).log_softmax(-1)
-                p_t = log_p_t.exp()
-                kl = torch.linalg.vecdot(p_t, log_p_t.sub_(log_q))  # sum_j p_t (log p_t - log p_s), as mean_kl
-                g_s[:, :v] += log_q.exp().sub_(p_t).mul_(w_kl[idx, None])
+                p_t = log_p_t.exp()  # the third and last [rows, V] tensor (fourth if V differs)
+                kl = log_p_t.sub_(log_q).mul_(p_t).sum(-1)
+            g_s = log_p.exp_()  # the textbook gradients: d CE / ds = p_s - onehot(target), d KL(p_t || p_s) / ds = p_s - p_t
+            g_kl = p_t.sub_(g_s if log_q is log_p else log_q.exp_()).mul_(-w_kl[r]) if h_t is not None else None
+            g_s.mul_(w_reg[r]).scatter_add_(1, target[r].clamp_min(0), -w_reg[r])
+            if g_kl is not None:
+                g_s[:, :v] += g_kl
             g_h[idx // T, idx % T] = g_s @ w32
             if g_w is not None:
                 g_w.addmm_(g_s.T, hs.to(dt))
-            return nll, kl
-        for idx in ((w_reg != 0) | (w_kl != 0)).nonzero().flatten().split(max(1, BLOCK // (len(w_s) + v))):
-            nll, kl = block(idx)  # no [rows, V] tensor outlives its block
             sums[[0, 1, 2, 4]] += torch.stack([nll.sum()] + [(kl * k[idx]).sum() for k in kinds]).double()
+        for idx in ((w_reg != 0) | (w_kl != 0)).nonzero().flatten().split(max(1, BLOCK // (len(w_s) + v))):
+            block(idx)  # no [rows, V] tensor outlives its block
         samples = rel.any(1).nonzero().flatten().tolist()
         if samples:  # L_rel from R = H M H^T, M on the shared vocabulary; autograd on [K, D] and [D, D] tensors
             with torch.enable_grad():
