@@ -2,13 +2,16 @@
 
     python bench_scale.py [--layers 2] [--batch 2] [--steps 1] [--stages sft dpt dft] [--dir DIR]
     python bench_scale.py --stages dft --nproc 2 [--fsdp]      # DDP or FSDP2 over 2 processes (torchrun)
+    python bench_scale.py --student 1.8b ...                   # LLaVA-KD-2B's student, Qwen1.5-1.8B (untied head)
 
 Models are built from configs with the real widths and vocabulary (nothing downloaded; random weights, depth cut
 to --layers): vision SigLIP-so400m-patch14-384 (1152 wide, 384px, 729 visual tokens), teacher LLM Qwen1.5-4B
-(2560 wide, untied head), student LLM Qwen1.5-0.5B (1024 wide, tied), vocabulary 151936 with Qwen's special ids.
+(2560 wide, untied head), student LLM Qwen1.5-0.5B (1024 wide, tied) or --student 1.8b: Qwen1.5-1.8B (2048 wide,
+untied), vocabulary 151936 with Qwen's special ids.
 Each sample: one 384px image and ~750 text tokens (~1,500 tokens). Peak memory is the training process's
 peak RSS on a CPU (float32) and torch.cuda.max_memory_allocated on a GPU (bf16 autocast, teacher in bf16), as
-`llava_kd.py train` logs it. The check printed last: peak(dft) <= peak(sft) + the teacher's parameter bytes +
+`llava_kd.py train` logs it, with the student's trained parameters + gradients + AdamW state held by one
+process (trained_gib: its shards under FSDP). The check printed last: peak(dft) <= peak(sft) + the teacher's parameter bytes +
 0.25 x the student's float32 logits of one micro-batch.
 """
 import argparse
@@ -31,10 +34,13 @@ LLMS = {"teacher_llm": dict(hidden_size=2560, intermediate_size=6912, num_attent
                             tie_word_embeddings=False),
         "student_llm": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
                             tie_word_embeddings=True)}
+STUDENTS = {"0.5b": LLMS["student_llm"],
+            "1.8b": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16,
+                         tie_word_embeddings=False)}
 V = 151936
 
 
-def setup(d, layers, n_samples, text_tokens):
+def setup(d, layers, n_samples, text_tokens, student="0.5b"):
     """Checkpoints and data in d: vision/, student_llm/, teacher/ (a LLaVA), student/ (a LLaVA), data.json, images/."""
     words = [w for c in toy.COLOURS for w in (c,)] + list(toy.SHAPES) + list(toy.SIZES) + ["the", "and", "is", "in"]
     rng = random.Random(0)
@@ -44,7 +50,7 @@ def setup(d, layers, n_samples, text_tokens):
     torch.manual_seed(0)
     transformers.SiglipVisionModel(transformers.SiglipVisionConfig(num_hidden_layers=layers, **VISION)).save_pretrained(f"{d}/vision")
     transformers.SiglipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(f"{d}/vision")
-    for name, c in LLMS.items():
+    for name, c in dict(LLMS, student_llm=STUDENTS[student]).items():
         cfg = transformers.Qwen2Config(vocab_size=V, num_hidden_layers=layers, max_position_embeddings=4096,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **c)
         transformers.Qwen2ForCausalLM(cfg).save_pretrained(f"{d}/{name}")
@@ -76,7 +82,7 @@ def run(d, stage, batch, steps, nproc=1, fsdp=False):
     cmd[cmd.index("--global_batch_size") + 1] = str(batch * nproc)
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL)
     log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
-    return max(r["peak_gib"] for r in log), min(r["seconds"] for r in log), log[-1]["tokens_per_s"]
+    return max(r["peak_gib"] for r in log), min(r["seconds"] for r in log), log[-1]["tokens_per_s"], log[-1]["trained_gib"]
 
 
 def main():
@@ -89,20 +95,22 @@ def main():
     ap.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun); peak memory is rank 0's")
     ap.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
+    ap.add_argument("--student", choices=STUDENTS, default="0.5b", help="the student LLM's widths")
     a = ap.parse_args()
     tmp = None if a.dir else tempfile.TemporaryDirectory()  # ~17 GB of checkpoints: removed at exit
     d = a.dir or tmp.name
-    teacher_bytes = setup(d, a.layers, a.batch * a.nproc, a.text_tokens)
+    teacher_bytes = setup(d, a.layers, a.batch * a.nproc, a.text_tokens, a.student)
     tokens = 729 + a.text_tokens + 20
     logits = a.batch * tokens * V * 4
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; teacher parameters "
+    print(f"{device}; student {a.student}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; teacher parameters "
           f"{teacher_bytes / 2 ** 30:.2f} GiB; student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB; "
           f"{a.nproc} process(es), {'FSDP2' if a.fsdp else 'DDP' if a.nproc > 1 else 'no wrapper'}")
     peak = {}
     for stage in a.stages:
-        peak[stage], seconds, tps = run(d, stage, a.batch, a.steps, a.nproc, a.fsdp)
-        print(f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   {tps:8.0f} tokens/s")
+        peak[stage], seconds, tps, trained = run(d, stage, a.batch, a.steps, a.nproc, a.fsdp)
+        print(f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   {tps:8.0f} tokens/s   "
+              f"trained parameters + gradients + AdamW state {trained:6.2f} GiB a process")
     if "sft" in peak and "dft" in peak:
         budget = peak["sft"] + (teacher_bytes + 0.25 * logits) / 2 ** 30
         print(f"dft - sft = {peak['dft'] - peak['sft']:.2f} GiB = teacher parameters + "

@@ -503,6 +503,12 @@ def full_state(student, opt):
     return weights, get_optimizer_state_dict(student, opt, options=full)
 
 
+def trained_bytes(params, opt):
+    """This process's bytes of trained parameters, their gradients and AdamW state (its shards under FSDP)."""
+    tensors = [*params, *(p.grad for p in params if p.grad is not None), *(x for s in opt.state.values() for x in s.values())]
+    return sum(t.numel() * t.element_size() for t in (t.to_local() if hasattr(t, "to_local") else t for t in tensors))
+
+
 def lr_at(step, total, peak, warmup_ratio=0.03):
     """Linear warmup over the first 3% of the steps, then cosine decay to 0 (Table A9)."""
     warmup = max(1, math.ceil(total * warmup_ratio))
@@ -620,7 +626,8 @@ def train(a):
     if a.fsdp:
         student = shard(_Student(model), model, cuda)
     elif ddp:  # text-only micro-batches leave the projector unused: DDP must then look for unused parameters
-        student = DDP(_Student(model), device_ids=[device.index] if cuda else None, find_unused_parameters=stage["chat"])
+        student = DDP(_Student(model), device_ids=[device.index] if cuda else None, find_unused_parameters=stage["chat"],
+                      gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second copy
     else:
         student = _Student(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -705,6 +712,7 @@ def train(a):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)  # the norm before clipping, logged
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         opt.step()
+        held = trained_bytes(params, opt)
         opt.zero_grad(set_to_none=True)
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if save:  # under FSDP every process takes part in gathering the full state
@@ -713,7 +721,8 @@ def train(a):
             rec = dict(zip(("loss",) + TERMS, logged.tolist()))
             peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             rec.update(step=step + 1, lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), seconds=time.time() - t0,
-                       tokens_per_s=count[3].item() / (time.time() - t0), peak_gib=peak / 2 ** 30)
+                       tokens_per_s=count[3].item() / (time.time() - t0), peak_gib=peak / 2 ** 30,
+                       trained_gib=held / 2 ** 30)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})

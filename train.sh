@@ -81,8 +81,6 @@ teacher() {  # once for every seed: PT -> SFT on more rows than a student ever s
   $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
   $RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
     --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
-  python toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
-  $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
 }
 baseline() {  # a student's stages without the teacher
   local s=$1 S=$OUT/seed$1
@@ -90,18 +88,28 @@ baseline() {  # a student's stages without the teacher
   $RUN --stage sft $SFT --seed $s --init $S/pt --out $S/pt-sft
   $RUN --stage sft $SFT --seed $s --init $S/pt-sft --out $S/pt-sft-sft
 }
-distilled() {  # a student's stages with the teacher, then the eval of all five
+distilled() {  # a student's stages with the teacher: DPT -> SFT -> DFT (LLaVA-KD)
   local s=$1 S=$OUT/seed$1 K="--teacher $OUT/teacher-pt-sft"
-  $RUN --stage dft $SFT --seed $s --init $S/pt-sft $K --out $S/pt-sft-dft
   $RUN --stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
   $RUN --stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
   $RUN --stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
-  $EVAL --seed $s --results $S/results.jsonl --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft \
-    --row "student PT-SFT" "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" \
-    "student PT-SFT-SFT (no teacher)"
+}
+dft_after_sft() {  # DFT on the baseline's PT -> SFT student
+  $RUN --stage dft $SFT --seed $1 --init $OUT/seed$1/pt-sft --teacher $OUT/teacher-pt-sft --out $OUT/seed$1/pt-sft-dft
+}
+evaluate() {  # the question-only prior and the teacher, or one seed's five students
+  if [ "$1" = teacher ]; then
+    python toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
+    $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
+  else
+    local S=$OUT/seed$1
+    $EVAL --seed $1 --results $S/results.jsonl --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft \
+      --row "student PT-SFT" "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" \
+      "student PT-SFT-SFT (no teacher)"
+  fi
 }
 # Every process trains on one thread (torchrun's default), so independent chains run side by side: first the
-# teacher and each seed's baseline, then, once the teacher is there, each seed's distilled stages.
+# teacher and each seed's baseline; once the teacher is there, each seed's distilled stages; then every eval.
 # Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its error (or log's end).
 stop() { local c; for c in $(pgrep -P "$1"); do stop "$c"; done; kill "$1" 2>/dev/null || true; }
 parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
@@ -122,7 +130,9 @@ parallel() {  # parallel "function args" ...: each in the background, its output
 }
 chains=("teacher"); for s in $SEEDS; do chains+=("baseline $s"); done
 parallel "${chains[@]}"
-chains=(); for s in $SEEDS; do chains+=("distilled $s"); done
+chains=(); for s in $SEEDS; do chains+=("distilled $s" "dft_after_sft $s"); done
+parallel "${chains[@]}"
+chains=("evaluate teacher"); for s in $SEEDS; do chains+=("evaluate $s"); done
 parallel "${chains[@]}"
 cat $OUT/teacher-results.jsonl $(for s in $SEEDS; do echo $OUT/seed$s/results.jsonl; done) > $OUT/results.jsonl
 python toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
