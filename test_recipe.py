@@ -1,33 +1,30 @@
-"""train.sh's toy recipe end to end, shortened to a few steps per stage: every stage, eval and the table."""
+"""train.sh's toy recipe end to end, shortened to a few steps per stage: every stage, eval and the table. It runs
+beside the other tests, from the start of the session (conftest.py's `recipe`)."""
 import json
-import os
-import subprocess
 
 import toy as toy_module
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 ROWS = ["question-only prior (no image)", "teacher PT-SFT", "student PT-SFT", "student DPT-SFT", "student PT-SFT-DFT",
         "student DPT-SFT-DFT (LLaVA-KD)", "student PT-SFT-SFT (no teacher)"]
 
 
-def test_toy_recipe_runs_end_to_end_and_prints_the_table(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "toy"), SEEDS="1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1",
-               TOY_SEED="1")
-    out = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = (tmp_path / "toy" / "table.md").read_text()
+def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
+    out, proc, output = recipe  # train.sh with OUT, SEEDS=1, TOY_STEPS=2, TOY_QUICK=1, NGPU=1, TOY_SEED=1: conftest.py
+    assert proc.wait(timeout=900) == 0, output.read_text()[-3000:]
+    stdout = output.read_text()
+    table = (out / "toy" / "table.md").read_text()
     lines = [l for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
     assert [l.split(" | ")[0][2:] for l in lines] == ROWS
     assert all(l.endswith("| 1 |") for l in lines)  # seeds per row
-    assert table.splitlines()[0] in out.stdout and "wall time" in out.stdout
-    results = [json.loads(l) for l in open(tmp_path / "toy" / "results.jsonl")]
+    assert table.splitlines()[0] in stdout and "wall time" in stdout
+    results = [json.loads(l) for l in open(out / "toy" / "results.jsonl")]
     assert len(results) == 2 + 5  # exact-match counts over the 16 test questions
     assert all(r["accuracy"] * 16 == round(r["accuracy"] * 16) for r in results)
     # the distilled stages ran with a teacher, the others without
     for stage, teacher in (("pt", False), ("dpt", True), ("pt-sft-dft", True), ("pt-sft-sft", False)):
-        log = [json.loads(l) for l in open(tmp_path / "toy" / "seed1" / stage / "log.jsonl")]
+        log = [json.loads(l) for l in open(out / "toy" / "seed1" / stage / "log.jsonl")]
         assert len(log) == 2 and all((r["L_vis"] > 0) == teacher for r in log)
     # the toy setup is TOY_SEED's draw
-    toy_module.make_toy_data(str(tmp_path / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"})
+    toy_module.make_toy_data(str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"})
     for split in ("sft", "test"):
-        assert (tmp_path / "draw1" / f"{split}.json").read_text() == (tmp_path / "toy/setup/data" / f"{split}.json").read_text()
+        assert (out / "draw1" / f"{split}.json").read_text() == (out / "toy/setup/data" / f"{split}.json").read_text()

@@ -31,6 +31,9 @@ else
   NODES="--standalone"
 fi
 RUN="torchrun $NODES --nproc_per_node=$NGPU llava_kd.py train $([ "${FSDP:-0}" = 1 ] && echo --fsdp || true)"
+if [ "$NGPU" = 1 ] && [ "$NODES" = --standalone ] && [ "${FSDP:-0}" != 1 ]; then
+  RUN="python llava_kd.py train"  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
+fi
 EXTRA=${EXTRA:-}
 
 if [ -n "${INIT:-}" ]; then
