@@ -281,6 +281,8 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4
     for k in one:  # reduction order only (see the test above): a sharding bug moves weights by ~lr
         torch.testing.assert_close(fsdp[k], one[k], rtol=0, atol=1e-5, msg=k)
+    held = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"] for d in ("one", "fsdp")]
+    assert 0.45 < held[1] / held[0] < 0.55  # each of the 2 processes holds half the weights, gradients, AdamW state
     if stage == "dft":
         finish(torchrun(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
         parts = weights(tmp_path / "parts")
