@@ -3,8 +3,10 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -40,16 +42,36 @@ def changed(a, b):
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
+def start(cmd, env=None):  # output to a file: a pipe that nobody reads while another process is awaited can fill
+    log = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    p.log = log
+    return p
+
+
 def torchrun(*argv, nproc=2, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *(extra or ["--standalone"]), f"--nproc_per_node={nproc}",
-           "llava_kd.py", *argv]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return [start([sys.executable, "-m", "torch.distributed.run", *(extra or ["--standalone"]),
+                   f"--nproc_per_node={nproc}", "llava_kd.py", *argv])]
 
 
-def finish(*procs):
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+def processes(*argv, nproc=2):
+    """nproc processes of `llava_kd.py argv` with the variables torchrun gives its workers, without torchrun's own
+    process: its start-up is all it would add here (train.sh, the two-node test and test_errors.py run torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    return [start([sys.executable, "llava_kd.py", *argv], dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
+
+
+def finish(*runs):  # each process's output
+    outs = []
+    for p in [p for run in runs for p in run]:
+        p.wait(timeout=300)
+        p.log.seek(0)
+        outs.append(p.log.read())
+        assert p.returncode == 0, outs[-1][-3000:]
+    return outs
 
 
 def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy, ckpts, tmp_path):
@@ -61,10 +83,10 @@ def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy,
         argv = args(toy, "dft", tmp_path / out, *common)
         argv[argv.index("--batch_size") + 1] = batch
         return argv
-    two = torchrun(*run("two", "4"))  # 2 processes x 4 x 2, beside the in-process runs
+    two = processes(*run("two", "4"))  # 2 processes x 4 x 2, beside the in-process runs
     llava_kd.main(run("one", "16"))
     llava_kd.main(run("accum", "4"))
-    finish(two)
+    assert "(2 x 4 x 2)" in finish(two)[0]  # rank 0 names the split: 2 processes x 4 x 2 micro-steps
     one, start = weights(tmp_path / "one"), weights(ckpts / "student")
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4  # training moved the weights
     # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8 the rounding of
@@ -272,9 +294,9 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
         argv = args(toy, stage, tmp_path / out, *common, *x)
         argv[argv.index("--batch_size") + 1] = "4"
         return argv
-    runs = [torchrun(*two("fsdp", "--max_steps", "2", "--fsdp"))]
+    runs = [processes(*two("fsdp", "--max_steps", "2", "--fsdp"))]
     if stage == "dft":
-        runs.append(torchrun(*two("parts", "--max_steps", "1", "--fsdp")))
+        runs.append(processes(*two("parts", "--max_steps", "1", "--fsdp")))
     llava_kd.main(args(toy, stage, tmp_path / "one", *common, "--max_steps", "2"))  # while those run
     finish(*runs)
     one, start, fsdp = weights(tmp_path / "one"), weights(ckpts / "student"), weights(tmp_path / "fsdp")
@@ -284,7 +306,7 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     held = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"] for d in ("one", "fsdp")]
     assert 0.45 < held[1] / held[0] < 0.55  # each of the 2 processes holds half the weights, gradients, AdamW state
     if stage == "dft":
-        finish(torchrun(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
+        finish(processes(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
         parts = weights(tmp_path / "parts")
         for k in fsdp:
             torch.testing.assert_close(parts[k], fsdp[k], rtol=0, atol=1e-7, msg=f"resumed: {k}")
