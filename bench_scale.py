@@ -11,8 +11,8 @@ untied), vocabulary 151936 with Qwen's special ids.
 Each sample: one 384px image and ~750 text tokens (~1,500 tokens). Peak memory is the training process's
 peak RSS on a CPU (float32) and torch.cuda.max_memory_allocated on a GPU (bf16 autocast, teacher in bf16), as
 `llava_kd.py train` logs it, with the student's trained parameters + gradients + AdamW state held by one
-process (trained_gib: its shards under FSDP). The check printed last: peak(dft) <= peak(sft) + the teacher's parameter bytes +
-0.25 x the student's float32 logits of one micro-batch.
+process (trained_gib: its shards under FSDP). The check printed last: peak(dft) <= peak(sft) + the teacher's
+parameter bytes + 0.25 x the student's float32 logits of one micro-batch.
 """
 import argparse
 import json
@@ -103,8 +103,9 @@ def main():
     tokens = 729 + a.text_tokens + 20
     logits = a.batch * tokens * V * 4
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}; student {a.student}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; teacher parameters "
-          f"{teacher_bytes / 2 ** 30:.2f} GiB; student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB; "
+    print(f"{device}; student {a.student}; {a.layers} layers each; batch {a.batch} x ~{tokens} tokens; vocabulary {V}; "
+          f"teacher parameters {teacher_bytes / 2 ** 30:.2f} GiB; "
+          f"student float32 logits of the micro-batch {logits / 2 ** 30:.2f} GiB; "
           f"{a.nproc} process(es), {'FSDP2' if a.fsdp else 'DDP' if a.nproc > 1 else 'no wrapper'}")
     peak = {}
     for stage in a.stages:

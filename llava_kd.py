@@ -506,7 +506,8 @@ def full_state(student, opt):
 def trained_bytes(params, opt):
     """This process's bytes of trained parameters, their gradients and AdamW state (its shards under FSDP)."""
     tensors = [*params, *(p.grad for p in params if p.grad is not None), *(x for s in opt.state.values() for x in s.values())]
-    return sum(t.numel() * t.element_size() for t in (t.to_local() if hasattr(t, "to_local") else t for t in tensors))
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: DTensors, this process's shard
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def lr_at(step, total, peak, warmup_ratio=0.03):
