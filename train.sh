@@ -111,8 +111,8 @@ evaluate() {  # the question-only prior and the teacher, or one seed's five stud
       "student PT-SFT-SFT (no teacher)"
   fi
 }
-# Every process trains on one thread (torchrun's default), so independent chains run side by side: first the
-# teacher and each seed's baseline; once the teacher is there, each seed's distilled stages; then every eval.
+# Every process trains on one thread (OMP_NUM_THREADS=1, torchrun's default), so independent chains run side by side:
+# first the teacher and each seed's baseline; once the teacher is there, each seed's distilled stages; then every eval.
 # Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its error (or log's end).
 stop() { local c; for c in $(pgrep -P "$1"); do stop "$c"; done; kill "$1" 2>/dev/null || true; }
 parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
