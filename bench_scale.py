@@ -30,13 +30,12 @@ import llava_kd
 import toy
 
 VISION = dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
-LLMS = {"teacher_llm": dict(hidden_size=2560, intermediate_size=6912, num_attention_heads=20, num_key_value_heads=20,
-                            tie_word_embeddings=False),
-        "student_llm": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
-                            tie_word_embeddings=True)}
-STUDENTS = {"0.5b": LLMS["student_llm"],
-            "1.8b": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16,
-                         tie_word_embeddings=False)}
+TEACHER_LLM = dict(hidden_size=2560, intermediate_size=6912, num_attention_heads=20, num_key_value_heads=20,
+                   tie_word_embeddings=False)
+STUDENT_LLMS = {"0.5b": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                             tie_word_embeddings=True),
+                "1.8b": dict(hidden_size=2048, intermediate_size=5504, num_attention_heads=16, num_key_value_heads=16,
+                             tie_word_embeddings=False)}
 V = 151936
 
 
@@ -50,7 +49,7 @@ def setup(d, layers, n_samples, text_tokens, student="0.5b"):
     torch.manual_seed(0)
     transformers.SiglipVisionModel(transformers.SiglipVisionConfig(num_hidden_layers=layers, **VISION)).save_pretrained(f"{d}/vision")
     transformers.SiglipImageProcessorPil(size={"height": 384, "width": 384}).save_pretrained(f"{d}/vision")
-    for name, c in dict(LLMS, student_llm=STUDENTS[student]).items():
+    for name, c in (("teacher_llm", TEACHER_LLM), ("student_llm", STUDENT_LLMS[student])):
         cfg = transformers.Qwen2Config(vocab_size=V, num_hidden_layers=layers, max_position_embeddings=4096,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **c)
         transformers.Qwen2ForCausalLM(cfg).save_pretrained(f"{d}/{name}")
@@ -95,7 +94,7 @@ def main():
     ap.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun); peak memory is rank 0's")
     ap.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP")
-    ap.add_argument("--student", choices=STUDENTS, default="0.5b", help="the student LLM's widths")
+    ap.add_argument("--student", choices=STUDENT_LLMS, default="0.5b", help="the student LLM's widths")
     a = ap.parse_args()
     tmp = None if a.dir else tempfile.TemporaryDirectory()  # ~17 GB of checkpoints: removed at exit
     d = a.dir or tmp.name

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
@@ -29,6 +30,7 @@ def recipe(request, tmp_path_factory):
     env = dict(os.environ, OUT=str(out / "toy"), SEEDS="1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1", TOY_SEED="1")
     with open(out / "output.txt", "w") as f:
         proc = subprocess.Popen(["bash", "train.sh"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
-                                stdout=f, stderr=subprocess.STDOUT, text=True)
+                                stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     yield out, proc, out / "output.txt"
-    proc.kill()
+    if proc.poll() is None:  # the session ended first (a failure, -x): stop train.sh and the stages it started
+        os.killpg(proc.pid, signal.SIGKILL)

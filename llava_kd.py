@@ -6,7 +6,7 @@
     bash train.sh                                              # the whole recipe: toy with no settings (README)
 
 Each stage writes OUT/ (model.safetensors, config.json, the processor: stock from_pretrained loads it), OUT/log.jsonl
-(every loss term, lr, grad_norm, tokens/s, peak memory per step) and OUT/checkpoint/ (for --resume).
+(every loss term, lr, grad_norm, tokens/s, peak and trained-state memory per step) and OUT/checkpoint/ (for --resume).
 Sections, top to bottom: the losses (paper Sec. 3: MDist = L_res + L_vis, RDist = L_rel, and their sum
 L_DPT / L_DFT), the model wrapper and the stage table (Table A9), the training loop. The toy lives in toy.py.
 """
