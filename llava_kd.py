@@ -100,8 +100,8 @@ def distill_loss(student_logits, teacher_logits, labels, visual_mask, alpha=1.0,
     return loss, {k: x.detach() for k, x in terms.items()}
 
 
-# The lean path, from each model's last hidden states h [B, T, D] and head W [V, D], never [B, T, V]: L_reg and KL rows
-# in blocks of BLOCK logits of both models; L_rel by R = h (W^T W) h^T (m_t = W_t[:V]^T W_t[:V], V shared: pass it).
+# The lean path, from each model's last hidden states h [B, T, D] and head W [V, D], never [B, T, V]: L_reg and KL in
+# blocks of rows; L_rel by R = Y Y^T = h M h^T = P h^T, M = W^T W: P = Y W from the blocks, or h M if K > D (or m_t given).
 BLOCK = 2 ** 26
 
 
@@ -112,66 +112,65 @@ def fused_loss(h_s, w_s, labels, visual_mask=None, h_t=None, w_t=None, alpha=1.0
     pro = prompt_rows(labels, vis, torch.ones_like(vis) if attention_mask is None else attention_mask)
     n = [float(c) if c is not None else max(int(m.sum()), 1) for c, m in zip(counts, (reg, vis, vis.any(1), pro))]
     kd = [m & (h_t is not None and w != 0) for m, w in ((reg, alpha), (vis, beta), (vis, gamma), (pro, delta))]
-    target = F.pad(labels[:, 1:], (0, 1), value=-100)  # the token each row predicts
     with torch.autocast(h_s.device.type, enabled=False):  # the dtypes are chosen inside
-        loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, m_t, target, [reg] + kd, n, (alpha, beta, gamma, delta))
+        loss, terms = _Fused.apply(h_s, w_s, h_t, w_t, m_t, labels, [reg] + kd, n, (alpha, beta, gamma, delta))
     return loss, dict(zip(("L_reg", "L_res", "L_vis", "L_rel", "L_pro") if h_t is not None else ("L_reg",), terms))
-
-
-def _gram(H, w, m=None):  # R = H W^T W H^T: from M = W^T W, or over vocabulary blocks (K V D: less than V D^2 if K < D)
-    step = max(1, BLOCK // (4 * len(H)))
-    return H @ m.to(H.dtype) @ H.T if m is not None else sum(
-        y @ y.T for y in (H @ w[c:c + step].to(H.dtype).T for c in range(0, len(w), step)))
 
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, m_t, target, rows, n, weights):
+    def forward(ctx, h_s, w_s, h_t, w_t, m_t, labels, rows, n, weights):
         (reg, res, vis, rel, pro), (alpha, beta, gamma, delta) = rows, weights
         h_s, w_s, T, dt = h_s.detach(), w_s.detach(), h_s.shape[1], torch.promote_types(h_s.dtype, torch.float32)
-        v, wt_h = (min(len(w_s), len(w_t)), w_t.to(h_t.dtype)) if h_t is not None else (len(w_s), None)  # shared V
-        w_h, w32 = w_s.to(h_s.dtype), w_s.to(dt)  # logits in h's dtype, as the model's head (bf16 under autocast)
-        g_h, g_w = torch.zeros_like(h_s, dtype=dt), torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
+        V_s, V_t, wt_h = len(w_s), 0 if h_t is None else len(w_t), None if h_t is None else w_t.to(h_t.dtype)
+        v, w_h, w32 = min(V_s, V_t or V_s), w_s.to(h_s.dtype), w_s.to(dt)  # logits in h's dtype, as the model's head
+        g_h, g_w = h_s.new_zeros(h_s.shape, dtype=dt), torch.zeros_like(w_s, dtype=dt) if ctx.needs_input_grad[1] else None
         sums = torch.zeros(5, dtype=torch.float64, device=h_s.device)  # L_reg, L_res, L_vis, L_rel, L_pro, not averaged
-        kinds, target = [m.flatten().to(dt) for m in (res, vis, pro)], target.flatten()
-        w_reg = reg.flatten().to(dt) / n[0]  # each row's weight in L_reg and in the KL:
-        w_kl = alpha * kinds[0] / n[0] + beta * kinds[1] / n[1] + delta * kinds[2] / n[3]
-        def block(idx):  # rows idx: each row's CE and KL, their gradients into dL/dh and dL/dW_s; in place where it can
-            hs, r = h_s.reshape(-1, h_s.shape[-1])[idx], idx[:, None]
-            log_p = (hs @ w_h.T).to(dt).log_softmax(-1)
+        kinds, target = [m.flatten().to(dt) for m in (res, vis, pro)], F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+        w_reg, w_kl = reg.flatten().to(dt) / n[0], alpha * kinds[0] / n[0] + beta * kinds[1] / n[1] + delta * kinds[2] / n[3]
+        in_rel, h_s2, h_t2 = rel.flatten(), h_s.flatten(0, 1), h_s.flatten(0, 1)[:, :0] if h_t is None else h_t.flatten(0, 1)
+        at, K_all = in_rel.cumsum(0) - 1, int(in_rel.sum())  # row -> its row of P, P's rows (K visual rows, shared V:)
+        m_s = w32[:v].T @ w32[:v] if K_all > h_s.shape[-1] else None  # V D^2 flops, less than P = Y W's K V D if K > D
+        ws_p, wt_p = w32[:v] if m_s is None else None, w_t[:v].to(dt) if K_all and m_t is None else None
+        P_s = g_h.new_zeros(K_all, h_s.shape[-1]) if m_s is None else h_s2[in_rel].to(dt) @ m_s
+        P_t = g_h.new_zeros(K_all, h_t2.shape[-1]) if m_t is None else h_t2[in_rel].to(dt) @ m_t.to(dt)
+        step = max(1, BLOCK // (V_s + v))  # rows a block; its [rows, V] tensors are made once (new ones cost page faults)
+        work = [g_h.new_empty(step * k) for k in (max(V_s, V_t), V_s, v if V_t else 0, v if v < V_s else 0)]
+        def logits(h, w, out, P, at, w_p):  # out = h W^T; P[at] = out W_p for its first len(at) rows (if w_p is given)
+            torch.mm(h, w.T, out=out) if h.dtype == out.dtype else out.copy_(h @ w.T)
+            if w_p is not None and len(at):
+                P[at] = out[:len(at), :len(w_p)] @ w_p
+            return out
+        rows = torch.cat([in_rel.nonzero(), (~in_rel & ((w_reg != 0) | (w_kl != 0))).nonzero()]).flatten()
+        for idx in rows.tensor_split(-(-len(rows) // step) or 1):  # equal blocks of rows, L_rel's first: CE, KL, gradients
+            hs, r, at_, out = h_s2[idx], idx[:, None], at[idx[in_rel[idx]]], lambda i, k: work[i][:len(idx) * k].view(-1, k)
+            log_p = torch.log_softmax(logits(hs, w_h, out(0, V_s), P_s, at_, ws_p), -1, out=out(1, V_s))
             nll, kl = F.nll_loss(log_p, target[idx], reduction="none"), torch.zeros_like(idx, dtype=dt)
             if h_t is not None:  # KL(p_t || p_s) = sum_j p_t (log p_t - log p_s) on the shared vocabulary, as mean_kl
-                log_q = log_p if v == len(w_s) else log_p[:, :v].log_softmax(-1)
-                log_p_t = (h_t.reshape(-1, h_t.shape[-1])[idx] @ wt_h.T)[:, :v].to(dt).log_softmax(-1)
-                p_t = log_p_t.exp()  # the third and last [rows, V] tensor (fourth if V differs)
+                log_q = log_p if v == V_s else torch.log_softmax(log_p[:, :v], -1, out=out(3, v))
+                log_p_t = torch.log_softmax(logits(h_t2[idx], wt_h, out(0, V_t), P_t, at_, wt_p)[:, :v], -1, out=out(2, v))
+                p_t = torch.exp(log_p_t, out=out(0, v))
                 kl = log_p_t.sub_(log_q).mul_(p_t).sum(-1)
             g_s = log_p.exp_()  # the textbook gradients: d CE / ds = p_s - onehot(target), d KL(p_t || p_s) / ds = p_s - p_t
-            g_kl = p_t.sub_(g_s if log_q is log_p else log_q.exp_()).mul_(-w_kl[r]) if h_t is not None else None
-            g_s.mul_(w_reg[r]).scatter_add_(1, target[r].clamp_min(0), -w_reg[r])
-            if g_kl is not None:
-                g_s[:, :v] += g_kl
+            g_kl = p_t.sub_(g_s if log_q is log_p else log_q.exp_()).mul_(-w_kl[r]) if h_t is not None else 0
+            g_s.mul_(w_reg[r]).scatter_add_(1, target[r].clamp_min(0), -w_reg[r])[:, :v] += g_kl
             g_h[idx // T, idx % T] = g_s @ w32
             if g_w is not None:
                 g_w.addmm_(g_s.T, hs.to(dt))
             sums[[0, 1, 2, 4]] += torch.stack([nll.sum()] + [(kl * k[idx]).sum() for k in kinds]).double()
-        for idx in ((w_reg != 0) | (w_kl != 0)).nonzero().flatten().split(max(1, BLOCK // (len(w_s) + v))):
-            block(idx)  # no [rows, V] tensor outlives its block
-        samples = rel.any(1).nonzero().flatten().tolist()
-        if samples:  # L_rel from R = H M H^T, M on the shared vocabulary; autograd on [K, D] and [D, D] tensors
+        samples, K = rel.any(1).nonzero().flatten().tolist(), rel.sum(1).tolist()
+        if samples:  # R = P H^T for each sample with an image; autograd gives G = dL/dR_s ([K, K] tensors only)
+            H_s, P_s, P_t = [h_s[b][rel[b]].to(dt) for b in samples], P_s.split(K), P_t.split(K)
             with torch.enable_grad():
-                M_s = (w32[:v].T @ w32[:v]).requires_grad_()
-                H_s = [h_s[b][rel[b]].to(dt).requires_grad_() for b in samples]
-                dist = sum(relation_distance(H @ M_s @ H.T, _gram(h_t[b][rel[b]].to(dt), w_t[:v], m_t))
-                           for b, H in zip(samples, H_s))
-                *g_H, g_M = torch.autograd.grad(gamma / n[2] * dist.to(dt), H_s + [M_s])
-            sums[3] += dist.detach()
-            for b, g in zip(samples, g_H):
-                g_h[b][rel[b]] += g
+                R_s = [(P_s[b] @ H.T).requires_grad_() for b, H in zip(samples, H_s)]
+                dist = sum(relation_distance(R, P_t[b] @ h_t[b][rel[b]].to(dt).T) for b, R in zip(samples, R_s))
+                G = torch.autograd.grad(gamma / n[2] * dist.to(dt), R_s)
+            sums[3] += dist.detach()  # R = H M H^T:  dL/dH = (G + G^T) H M = (G + G^T) P,  dL/dM = H^T G H
+            g_h.flatten(0, 1)[in_rel] += torch.cat([(g + g.T) @ P_s[b] for b, g in zip(samples, G)])
             if g_w is not None:  # M = W^T W:  dL/dW = W (dL/dM + dL/dM^T)
-                g_w[:v].addmm_(w32[:v], g_M + g_M.T)
+                g_w[:v].addmm_(w32[:v], sum(H.T @ (g + g.T) @ H for H, g in zip(H_s, G)))
         terms = (sums / sums.new_tensor([n[0], n[0], n[1], n[2], n[3]])).to(dt)
-        # the gradients, made here: autograd releases them before the parameters take them, so without a copy
-        ctx.save_for_backward(g_h.to(h_s.dtype), None if g_w is None else g_w.to(w_s.dtype))
+        ctx.save_for_backward(g_h.to(h_s.dtype), None if g_w is None else g_w.to(w_s.dtype))  # dL/dh, dL/dW: made here
         ctx.mark_non_differentiable(terms)
         return terms[0] + alpha * terms[1] + beta * terms[2] + gamma * terms[3] + delta * terms[4], terms
 

@@ -75,11 +75,14 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Vs,Vt", VOCABS)
 @pytest.mark.parametrize("block_rows", [1, 3, None])
-def test_fused_loss_equals_the_equations(dtype, Vs, Vt, block_rows, monkeypatch):
-    """Values of every term and the gradients of h_s and W_s; blocks of 1 or 3 rows run the multi-block path."""
+@pytest.mark.parametrize("D_s", [8, 16])
+def test_fused_loss_equals_the_equations(dtype, Vs, Vt, block_rows, D_s, monkeypatch):
+    """Values of every term and the gradients of h_s and W_s; blocks of 1 or 3 rows run the multi-block path. The
+    batch has 11 visual rows: the student's P = h M (K > D = 8) or P = Y W from the blocks (D = 16), the teacher's
+    (D = 12) from the blocks."""
     if block_rows:
         monkeypatch.setattr(llava_kd, "BLOCK", block_rows * (Vs + min(Vs, Vt)))
-    h_s, w_s, h_t, w_t, labels, visual, attention = batch(Vs=Vs, Vt=Vt, dtype=dtype)
+    h_s, w_s, h_t, w_t, labels, visual, attention = batch(Vs=Vs, Vt=Vt, D_s=D_s, dtype=dtype)
     weights = (1.0, 1.0, 0.5, 0.3)
     loss, terms = fused_loss(h_s, w_s, labels, visual, h_t, w_t, *weights[:3], delta=weights[3],
                              attention_mask=attention)
