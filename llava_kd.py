@@ -129,7 +129,7 @@ class _Fused(torch.autograd.Function):
         kinds, target = [m.flatten().to(dt) for m in (res, vis, pro)], F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
         w_reg, w_kl = reg.flatten().to(dt) / n[0], alpha * kinds[0] / n[0] + beta * kinds[1] / n[1] + delta * kinds[2] / n[3]
         in_rel, h_s2, h_t2 = rel.flatten(), h_s.flatten(0, 1), h_s.flatten(0, 1)[:, :0] if h_t is None else h_t.flatten(0, 1)
-        at, K_all = in_rel.cumsum(0) - 1, int(in_rel.sum())  # row -> its row of P, P's rows (K visual rows, shared V:)
+        at, K_all = in_rel.cumsum(0) - 1, int(in_rel.sum())  # each L_rel row's row of P; K visual rows in all
         m_s = w32[:v].T @ w32[:v] if K_all > h_s.shape[-1] else None  # V D^2 flops, less than P = Y W's K V D if K > D
         ws_p, wt_p = w32[:v] if m_s is None else None, w_t[:v].to(dt) if K_all and m_t is None else None
         P_s = g_h.new_zeros(K_all, h_s.shape[-1]) if m_s is None else h_s2[in_rel].to(dt) @ m_s
