@@ -1,12 +1,12 @@
 """Cost of distillation per training step, on the toy models and one fixed batch.
 
-    python bench_step.py [--toy DIR] [--repeat 7] [--batch 16]
+python bench_step.py [--toy DIR] [--repeat 7] [--batch 16]
 
 ratio = time(dft step) / (time(sft step) + time(teacher forward)). 1.0 would mean distillation costs
 exactly one teacher forward; above it is the price of the losses, below it what sharing Z_v saves.
 """
+
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -33,9 +33,11 @@ def main():
     model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
     model.model.vision_tower = teacher.model.vision_tower
     llava_kd.apply_stage(model, "dft")
-    ds = data.LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=512)
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=512
+    )
     b = data.collate([ds[i] for i in range(a.batch)], proc.tokenizer.pad_token_id)
-    student = llava_kd._Student(model)
+    student = llava_kd.Student(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(t):
@@ -49,7 +51,11 @@ def main():
         z_v = llava_kd.vision_features(teacher, b["pixel_values"])
         llava_kd.llava_logits(teacher, b["input_ids"], b["attention_mask"], z_v)
 
-    runs = {"sft step": lambda: step(None), "teacher forward": teacher_forward, "dft step": lambda: step(teacher)}
+    runs = {
+        "sft step": lambda: step(None),
+        "teacher forward": teacher_forward,
+        "dft step": lambda: step(teacher),
+    }
     times = {k: [] for k in runs}
     for f in runs.values():
         f()  # warm-up
@@ -62,10 +68,17 @@ def main():
     tokens = int(b["attention_mask"].sum())
     for k, v in med.items():
         print(f"{k:16s} median {1000 * v:7.1f} ms  ({tokens} tokens, {a.repeat} runs)")
-    ratios = [d / (s + t) for s, t, d in zip(times["sft step"], times["teacher forward"], times["dft step"])]
-    print(f"dft / (sft + teacher forward): {med['dft step'] / (med['sft step'] + med['teacher forward']):.3f} "
-          f"(per-run ratios: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}) "
-          f"on {torch.get_num_threads()} threads")
+    ratios = [
+        d / (s + t)
+        for s, t, d in zip(times["sft step"], times["teacher forward"], times["dft step"])
+    ]
+    print(
+        f"dft / (sft + teacher "
+        f"forward): {med['dft step'] / (med['sft step'] + med['teacher forward']):.3f} "
+        f"(per-run ratios: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, "
+        f"max {max(ratios):.3f}) "
+        f"on {torch.get_num_threads()} threads"
+    )
 
 
 if __name__ == "__main__":

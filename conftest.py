@@ -3,9 +3,12 @@ import signal
 import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: a second thread only spins, beside the recipe's processes
+os.environ.setdefault(
+    "OMP_NUM_THREADS", "1"
+)  # tiny models: a second thread only spins, beside the recipe's processes
 import pytest  # noqa: E402
 import transformers  # noqa: E402
+
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -14,6 +17,7 @@ transformers.utils.logging.disable_progress_bar()
 def toy(tmp_path_factory):
     """The toy setup, small: tiny checkpoints and a few samples, written once per test session."""
     import toy as setup
+
     out = str(tmp_path_factory.mktemp("toy"))
     setup.make_toy(out, seed=0, **setup.QUICK)
     return out
@@ -21,16 +25,34 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def recipe(request, tmp_path_factory):
-    """`bash train.sh`'s toy recipe (test_recipe.py), started when the session starts if that test is collected: it
-    is mostly process start-ups, one or two at a time, so the other tests run beside it. (out, process, output)."""
+    """`bash train.sh`'s toy recipe (test_recipe.py), started when the session starts if that test
+    is collected: it is mostly process start-ups, one or two at a time, so the other tests run
+    beside it. (out, process, output)."""
     if not any(item.module.__name__ == "test_recipe" for item in request.session.items):
         yield None
         return
     out = tmp_path_factory.mktemp("recipe")
-    env = dict(os.environ, OUT=str(out / "toy"), SEEDS="1", TOY_STEPS="2", TOY_QUICK="1", NGPU="1", TOY_SEED="1")
+    env = dict(
+        os.environ,
+        OUT=str(out / "toy"),
+        SEEDS="1",
+        TOY_STEPS="2",
+        TOY_QUICK="1",
+        NGPU="1",
+        TOY_SEED="1",
+    )
     with open(out / "output.txt", "w") as f:
-        proc = subprocess.Popen(["bash", "train.sh"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
-                                stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "train.sh"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     yield out, proc, out / "output.txt"
-    if proc.poll() is None:  # the session ended first (a failure, -x): stop train.sh and the stages it started
+    if (
+        proc.poll() is None
+    ):  # the session ended first (a failure, -x): stop train.sh and the stages it started
         os.killpg(proc.pid, signal.SIGKILL)

@@ -1,19 +1,23 @@
 """LLaVA-format data -> input_ids, labels, pixel_values; the collate.
 
-A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]};
-"image" is a path relative to the image folder and "<image>" marks where it goes in the first human turn.
+A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"},
+...]}; "image" is a path relative to the image folder and "<image>" marks where it goes in the first
+human turn.
 """
+
 import json
 import os
 
 import torch
+import transformers
 from PIL import Image
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
 
 
 class UserError(ValueError):
-    """A mistake the user can fix (a flag, a path, the data): the CLI prints its message alone, no traceback."""
+    """A mistake the user can fix (a flag, a path, the data): the CLI prints its message alone, no
+    traceback."""
 
 
 class DataError(UserError):
@@ -21,15 +25,21 @@ class DataError(UserError):
 
 
 def image_seq_length(processor):
-    """Visual tokens per image: what LlavaProcessor expands <image> to (patches, + CLS, - 1 for "default")."""
-    h, w = processor.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")["pixel_values"].shape[-2:]
-    n = (h // processor.patch_size) * (w // processor.patch_size) + processor.num_additional_image_tokens
+    """Visual tokens per image: what LlavaProcessor expands <image> to (patches, + CLS, - 1 for
+    "default")."""
+    h, w = processor.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")[
+        "pixel_values"
+    ].shape[-2:]
+    n = (h // processor.patch_size) * (
+        w // processor.patch_size
+    ) + processor.num_additional_image_tokens
     return n - (processor.vision_feature_select_strategy == "default")
 
 
 def read_samples(json_path, image_folder):
-    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError names the
-    file and lists every bad sample id; a missing or misplaced <image> is put at the start of the first turn."""
+    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError
+    names the file and lists every bad sample id; a missing or misplaced <image> is put at the start
+    of the first turn."""
     try:
         with open(json_path) as f:
             rows = json.load(f)
@@ -43,10 +53,15 @@ def read_samples(json_path, image_folder):
         except DataError as e:
             problems.append(str(e))
     if problems:
-        raise DataError(f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
-                        + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+        raise DataError(
+            f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
+            + "\n  ".join(problems[:20])
+            + ("\n  ..." if len(problems) > 20 else "")
+        )
     if moved[0]:
-        print(f"{json_path}: put <image> at the start of the first human turn in {moved[0]} sample(s)")
+        print(
+            f"{json_path}: put <image> at the start of the first human turn in {moved[0]} sample(s)"
+        )
     return samples
 
 
@@ -55,9 +70,15 @@ def _check(row, i, image_folder, moved):
     conv = row.get("conversations") if isinstance(row, dict) else None
     if not conv:
         raise DataError(f"sample {sid}: empty or missing 'conversations'")
-    if len(conv) % 2 or any(not isinstance(c, dict) or c.get("from") != ("human", "gpt")[j % 2]
-                            or not isinstance(c.get("value"), str) for j, c in enumerate(conv)):
-        raise DataError(f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt")
+    if len(conv) % 2 or any(
+        not isinstance(c, dict)
+        or c.get("from") != ("human", "gpt")[j % 2]
+        or not isinstance(c.get("value"), str)
+        for j, c in enumerate(conv)
+    ):
+        raise DataError(
+            f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt"
+        )
     conv = [dict(c) for c in conv]
     n_tags = sum(c["value"].count("<image>") for c in conv)
     image = row.get("image")
@@ -66,91 +87,255 @@ def _check(row, i, image_folder, moved):
             raise DataError(f"sample {sid}: <image> in the text of a sample with no 'image'")
         return sid, None, conv
     if not isinstance(image, str) or n_tags > 1:
-        raise DataError(f"sample {sid}: one image per sample is supported ('image' must be one path)")
+        raise DataError(
+            f"sample {sid}: one image per sample is supported ('image' must be one path)"
+        )
     path = os.path.join(image_folder, image)
     if not os.path.isfile(path):
-        raise DataError(f"sample {sid}: image file {path} not found (is --images the folder the paths "
-                        f"in the JSON are relative to?)")
+        raise DataError(
+            f"sample {sid}: image file {path} not found (is --images the folder the paths "
+            f"in the JSON are relative to?)"
+        )
     if not conv[0]["value"].startswith("<image>"):  # LLaVA: the image opens the first human turn
         moved[0] += 1
-        conv[0]["value"] = "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
+        conv[0]["value"] = (
+            "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
+        )
         for c in conv[1:]:
             c["value"] = c["value"].replace("<image>", "")
     return sid, path, conv
 
 
+# Chat templates. Clients pass a turn's content as a string ("<image>\nWhat is it?": lmms-eval's
+# llava_hf) or typed ([{"type": "image"}, {"type": "text", "text": ...}]: transformers' pipeline,
+# VLMEvalKit); LLM tokenizers' templates take only strings, llava-hf's only typed content. Every
+# template saved here takes both: one of these preludes rewrites the messages into the form the
+# template underneath reads.
+TYPED_AS_STRING = (  # image parts first, "<image>\n" each, then the text parts: LLaVA's own layout
+    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
+    "{%- set ns.m = ns.m + [m] -%}{%- else -%}{%- set c = namespace(s='') -%}"
+    "{%- for p in m['content'] if p['type'] == 'image' -%}{%- set c.s = c.s + '<image>\\n' -%}{%- "
+    "endfor -%}"
+    "{%- for p in m['content'] if p['type'] == 'text' -%}{%- set c.s = c.s + p['text'] -%}{%- "
+    "endfor -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.s}] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set messages = ns.m -%}"
+)
+STRING_AS_TYPED = (
+    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
+    "{%- set c = namespace(p=[]) -%}{%- for i in range(m['content'].count('<image>')) -%}"
+    "{%- set c.p = c.p + [{'type': 'image'}] -%}{%- endfor -%}{%- set c.p = c.p + [{'type': "
+    "'text', "
+    "'text': m['content'].replace('<image>\\n', '').replace('<image>', '')}] -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.p}] -%}{%- else -%}{%- set ns.m = "
+    "ns.m + [m] -%}"
+    "{%- endif -%}{%- endfor -%}{%- set messages = ns.m -%}"
+)
+PROBE = {
+    "string": [
+        {"role": "user", "content": "<image>\nQUESTION"},
+        {"role": "assistant", "content": "ANSWER"},
+    ],
+    "typed": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "QUESTION"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ANSWER"}]},
+    ],
+}
+
+
+def render(tok, template, messages, generation_prompt=False):
+    return tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def chat_template_both_forms(tok, template, where):
+    """template, or template behind a prelude that renders string and typed content alike."""
+
+    def renders(t, form):
+        try:
+            text = render(tok, t, PROBE[form])
+        except Exception:  # a template written for the other form may fail on this one
+            return None
+        return text if "<image>" in text and "ANSWER" in text else None
+
+    for t in (template, TYPED_AS_STRING + template, STRING_AS_TYPED + template):
+        if renders(t, "string") is not None and renders(t, "string") == renders(t, "typed"):
+            return t
+    raise UserError(
+        f"{where}: its chat template renders neither string nor typed content as a LLaVA prompt "
+        f"(<image>, then the question); give it one that does"
+    )
+
+
+def prepare_chat(processor, generation_config, where, end_is_eos=False):
+    """One chat template on processor and tokenizer alike, taking both content forms; the token that
+    ends an assistant turn in it (<|im_end|> in ChatML) becomes the generation config's first eos id
+    and, for the chat stages (end_is_eos), the tokenizer's eos: a client that stops on
+    tokenizer.eos_token_id (lmms-eval) then stops where training ended every answer. Qwen's chat
+    models ship so (eos <|im_end|>); a base LLM's tokenizer says <|endoftext|>, which ChatML never
+    emits after an answer. pt/dpt keep it: captions end on <|endoftext|>."""
+    tok = processor.tokenizer
+    template = processor.chat_template or tok.chat_template
+    if template is None:  # allowed for pt/dpt; LlavaDataset stops sft/dft on it
+        return
+    processor.chat_template = tok.chat_template = template = chat_template_both_forms(
+        tok, template, where
+    )
+    text = render(tok, template, PROBE["string"])
+    after = tok(text[text.rindex("ANSWER") + len("ANSWER") :], add_special_tokens=False)[
+        "input_ids"
+    ][:1]
+    special = set(tok.all_special_ids) | {
+        i for i, t in tok.added_tokens_decoder.items() if t.special
+    }
+    if not (after and after[0] in special):
+        if end_is_eos:
+            raise UserError(
+                f"{where}: its chat template ends an assistant turn without a special token, so no "
+                f"generation could stop there; use a template that ends turns with one (eos, "
+                f"<|im_end|>)"
+            )
+        return
+    if end_is_eos:
+        tok.eos_token = tok.convert_ids_to_tokens(after[0])
+    old = generation_config.eos_token_id
+    old = [] if old is None else [old] if isinstance(old, int) else list(old)
+    generation_config.eos_token_id = after + [i for i in old if i != after[0]]
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tok.pad_token_id
+
+
+def make_processor(image_processor, tokenizer, config, extra_tokens):
+    return transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token="<image>",
+        num_additional_image_tokens=extra_tokens,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     """chat=False: the pretraining template  <image tokens> caption <eos>, labels on caption + eos.
-    chat=True: the saved processor's chat template, labels on every assistant turn and its end-of-turn token.
-    samples: read_samples(json_path, image_folder) when already read (train checks the data before loading
+    chat=True: the saved processor's chat template, labels on every assistant turn and its
+    end-of-turn token.
+    samples: read_samples(json_path, image_folder) when already read (train checks the data before
+    loading
     any weights); otherwise the file is read and checked here."""
 
     def __init__(self, json_path, image_folder, processor, chat, max_length, samples=None):
-        self.json_path, self.image_folder, self.chat, self.max_length = json_path, image_folder, chat, max_length
+        self.json_path, self.image_folder, self.chat, self.max_length = (
+            json_path,
+            image_folder,
+            chat,
+            max_length,
+        )
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
         self.n_image_tokens = image_seq_length(processor)
-        self.template = processor.chat_template or self.tok.chat_template  # what the saved processor renders
+        self.template = (
+            processor.chat_template or self.tok.chat_template
+        )  # what the saved processor renders
         if chat and not self.template:
-            raise DataError(f"{json_path}: sft/dft render conversations with the model's chat template, and its "
-                            f"processor and tokenizer have none")
+            raise DataError(
+                f"{json_path}: sft/dft render conversations with the model's chat template, and "
+                f"its "
+                f"processor and tokenizer have none"
+            )
         self.rows = read_samples(json_path, image_folder) if samples is None else samples
 
     def __len__(self):
         return len(self.rows)
 
     def _plain(self, conv, has_image):
-        caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [
+            self.tok.eos_token_id
+        ]
         prompt = [self.image_token_id] if has_image else []
         return prompt + caption, [IGNORE] * len(prompt) + caption
 
     def _chat(self, conv):
-        msgs = [{"role": ("user", "assistant")[j % 2], "content": c["value"]} for j, c in enumerate(conv)]
-        render = lambda m, gen=False: self.tok.apply_chat_template(m, chat_template=self.template, tokenize=False,
-                                                                  add_generation_prompt=gen)
-        text, spans = render(msgs), []
-        for j in range(1, len(msgs), 2):  # character span of each assistant answer and its end-of-turn token
-            start, upto = len(render(msgs[:j], gen=True)), render(msgs[:j + 1])
+        msgs = [
+            {"role": ("user", "assistant")[j % 2], "content": c["value"]}
+            for j, c in enumerate(conv)
+        ]
+        text, spans = render(self.tok, self.template, msgs), []
+        for j in range(
+            1, len(msgs), 2
+        ):  # character span of each assistant answer and its end-of-turn token
+            start = len(render(self.tok, self.template, msgs[:j], generation_prompt=True))
+            upto = render(self.tok, self.template, msgs[: j + 1])
             if not text.startswith(upto):
-                raise DataError("the chat template does not render a conversation's turns as prefixes of it")
+                raise DataError(
+                    "the chat template does not render a conversation's turns as prefixes of it"
+                )
             spans.append((start, start + len(upto[start:].rstrip())))
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [t if any(s <= a and b <= e for s, e in spans) else IGNORE
-                  for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+        labels = [
+            t if any(s <= a and b <= e for s, e in spans) else IGNORE
+            for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
         return enc["input_ids"], labels
 
     def __getitem__(self, i):
         sid, image, conv = self.rows[i]
         ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
         pixel_values = None
-        if image is not None:  # one <image> token -> n_image_tokens of them, never cut by truncation
+        if (
+            image is not None
+        ):  # one <image> token -> n_image_tokens of them, never cut by truncation
             k, n = ids.index(self.image_token_id), self.n_image_tokens
             if k + n >= self.max_length:
-                raise DataError(f"--max_length {self.max_length} leaves no room for text after the {n} image "
-                                f"tokens of sample {sid} in {self.json_path}: raise --max_length")
-            ids = ids[:k] + [self.image_token_id] * n + ids[k + 1:]
-            labels = labels[:k] + [IGNORE] * n + labels[k + 1:]
+                raise DataError(
+                    f"--max_length {self.max_length} leaves no room for text after the {n} image "
+                    f"tokens of sample {sid} in {self.json_path}: raise --max_length"
+                )
+            ids = ids[:k] + [self.image_token_id] * n + ids[k + 1 :]
+            labels = labels[:k] + [IGNORE] * n + labels[k + 1 :]
             try:
                 with Image.open(image) as im:
                     img = im.convert("RGB")
             except OSError as e:
-                raise DataError(f"{self.json_path}: sample {sid}: cannot read image {image} ({e}); fix or remove "
-                                f"it, then continue with --resume") from e
-            pixel_values = self.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
-        ids, labels = ids[:self.max_length], labels[:self.max_length]  # truncation cuts text from the end
-        return {"id": sid, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": pixel_values}
+                raise DataError(
+                    f"{self.json_path}: sample {sid}: cannot read image {image} ({e}); fix or "
+                    f"remove "
+                    f"it, then continue with --resume"
+                ) from e
+            pixel_values = self.processor.image_processor(img, return_tensors="pt")["pixel_values"][
+                0
+            ]
+        ids, labels = (
+            ids[: self.max_length],
+            labels[: self.max_length],
+        )  # truncation cuts text from the end
+        return {
+            "id": sid,
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+        }
 
 
 def collate(rows, pad_token_id):
-    """Right padding; attention_mask marks real tokens (Qwen's pad id is also an end token, so padding is
-    known by the mask, never by id); pixel_values stacks the images of the rows that have one, in order."""
+    """Right padding; attention_mask marks real tokens (Qwen's pad id is also an end token, so
+    padding is known by the mask, never by id); pixel_values stacks the images of the rows that have
+    one, in order."""
     B, T = len(rows), max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": torch.full((B, T), pad_token_id), "labels": torch.full((B, T), IGNORE),
-           "attention_mask": torch.zeros(B, T, dtype=torch.long)}
+    out = {
+        "input_ids": torch.full((B, T), pad_token_id),
+        "labels": torch.full((B, T), IGNORE),
+        "attention_mask": torch.zeros(B, T, dtype=torch.long),
+    }
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
-        out["input_ids"][b, :n], out["labels"][b, :n], out["attention_mask"][b, :n] = r["input_ids"], r["labels"], 1
+        out["input_ids"][b, :n], out["labels"][b, :n], out["attention_mask"][b, :n] = (
+            r["input_ids"],
+            r["labels"],
+            1,
+        )
     images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
     out["pixel_values"] = torch.stack(images) if images else None
     return out

@@ -1,4 +1,5 @@
-"""User errors fail fast and by name: before any weights load, one line, no traceback, printed once."""
+"""User errors fail fast and by name: before any weights load, one line, no traceback, once."""
+
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import torch
 import transformers
 
 import llava_kd
+import runtime
 import toy as toy_module
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -18,22 +20,41 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def student_dir(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("student")
     torch.manual_seed(0)
-    llava_kd.save_checkpoint_files(*llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm"), out)
+    runtime.save_checkpoint_files(
+        *llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm"), out
+    )
     return str(out)
 
 
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fails the test if any weights are read."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the error")
+
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(llava_kd, "_tower_from_llava", refuse)
+    monkeypatch.setattr(runtime, "tower_from_llava", refuse)
 
 
 def args(toy, out, stage="dft", data="sft"):
-    return ["train", "--stage", stage, "--data", f"{toy}/data/{data}.json", "--images", f"{toy}/data/images",
-            "--out", str(out), "--workers", "0", "--global_batch_size", "16", "--batch_size", "8"]
+    return [
+        "train",
+        "--stage",
+        stage,
+        "--data",
+        f"{toy}/data/{data}.json",
+        "--images",
+        f"{toy}/data/images",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--global_batch_size",
+        "16",
+        "--batch_size",
+        "8",
+    ]
 
 
 def replace(argv, flag, value):
@@ -43,26 +64,68 @@ def replace(argv, flag, value):
 
 
 WRONG = [  # (flag, value, the one line's content)
-    ("--data", "/nonexistent.json", "--data /nonexistent.json: no such file; expected a LLaVA JSON file"),
+    (
+        "--data",
+        "/nonexistent.json",
+        "--data /nonexistent.json: no such file; expected a LLaVA JSON file",
+    ),
     ("--images", "/nonexistent", "--images /nonexistent: no such directory; expected the folder"),
-    ("--init", "/tmp/nonexist", "--init /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory"),
-    ("--teacher", "/tmp/nonexist", "--teacher /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory"),
-    ("--teacher", "{toy}/student_llm", "--teacher {toy}/student_llm: a 'qwen2' checkpoint; expected a LLaVA checkpoint"),
-    ("--init", "{toy}/data", "--init {toy}/data: no config.json in this directory; expected a LLaVA checkpoint"),
-    ("--vision", "{toy}/student_llm", "--vision {toy}/student_llm: a 'qwen2' checkpoint; expected a SigLIP or CLIP"),
-    ("--llm", "{student}", "--llm {student}: a 'llava' checkpoint; expected a causal-LM checkpoint directory"),
-    ("--llm", "/tmp/nonexist", "--llm /tmp/nonexist: no such directory; expected a causal-LM checkpoint directory"),
+    (
+        "--init",
+        "/tmp/nonexist",
+        "--init /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory",
+    ),
+    (
+        "--teacher",
+        "/tmp/nonexist",
+        "--teacher /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory",
+    ),
+    (
+        "--teacher",
+        "{toy}/student_llm",
+        "--teacher {toy}/student_llm: a 'qwen2' checkpoint; expected a LLaVA checkpoint",
+    ),
+    (
+        "--init",
+        "{toy}/data",
+        "--init {toy}/data: no config.json in this directory; expected a LLaVA checkpoint",
+    ),
+    (
+        "--vision",
+        "{toy}/student_llm",
+        "--vision {toy}/student_llm: a 'qwen2' checkpoint; expected a SigLIP or CLIP",
+    ),
+    (
+        "--llm",
+        "{student}",
+        "--llm {student}: a 'llava' checkpoint; expected a causal-LM checkpoint directory",
+    ),
+    (
+        "--llm",
+        "/tmp/nonexist",
+        "--llm /tmp/nonexist: no such directory; expected a causal-LM checkpoint directory",
+    ),
 ]
 
 
 @pytest.mark.parametrize("flag,value,line", WRONG, ids=[f"{f} {v}" for f, v, _ in WRONG])
-def test_a_wrong_path_flag_is_one_line_naming_it_before_any_weights_load(toy, student_dir, tmp_path, no_weights,
-                                                                         flag, value, line):
-    fill = lambda x: x.format(toy=toy, student=student_dir)
+def test_a_wrong_path_flag_is_one_line_naming_it_before_any_weights_load(
+    toy, student_dir, tmp_path, no_weights, flag, value, line
+):
+
+    def fill(x):
+        return x.format(toy=toy, student=student_dir)
+
     argv = args(toy, tmp_path) + ["--init", student_dir, "--teacher", student_dir]
     if flag in ("--vision", "--llm"):  # a new student: --vision and --llm instead of --init
-        argv = args(toy, tmp_path, "dpt", "pretrain") + ["--teacher", student_dir, "--vision", f"{toy}/vision",
-                                                         "--llm", f"{toy}/student_llm"]
+        argv = args(toy, tmp_path, "dpt", "pretrain") + [
+            "--teacher",
+            student_dir,
+            "--vision",
+            f"{toy}/vision",
+            "--llm",
+            f"{toy}/student_llm",
+        ]
     with pytest.raises(SystemExit) as e:
         llava_kd.main(replace(argv, flag, fill(value)))
     assert str(e.value).startswith("error: " + fill(line))
@@ -76,13 +139,22 @@ def test_missing_flags_are_named(toy, student_dir, tmp_path, no_weights):
         llava_kd.main(args(toy, tmp_path, "pt", "pretrain") + ["--vision", f"{toy}/vision"])
 
 
-def test_a_teacher_where_none_is_taken_and_too_few_samples_are_named(toy, student_dir, tmp_path, no_weights):
+def test_a_teacher_where_none_is_taken_and_too_few_samples_are_named(
+    toy, student_dir, tmp_path, no_weights
+):
     with pytest.raises(SystemExit, match="^error: --stage sft takes no --teacher$"):
-        llava_kd.main(args(toy, tmp_path, "sft") + ["--init", student_dir, "--teacher", student_dir])
-    argv = replace(args(toy, tmp_path, "sft") + ["--init", student_dir], "--global_batch_size", "128")
+        llava_kd.main(
+            args(toy, tmp_path, "sft") + ["--init", student_dir, "--teacher", student_dir]
+        )
+    argv = replace(
+        args(toy, tmp_path, "sft") + ["--init", student_dir], "--global_batch_size", "128"
+    )
     argv = replace(argv, "--batch_size", "64")
-    with pytest.raises(SystemExit, match=r"^error: .*sft.json: 100 samples are fewer than one global batch \(128\); "
-                                         r"lower --global_batch_size$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: .*sft.json: 100 samples are fewer than one global batch \(128\); "
+        r"lower --global_batch_size$",
+    ):
         llava_kd.main(argv)
 
 
@@ -90,29 +162,61 @@ def test_bad_data_is_reported_before_any_weights_load(toy, student_dir, tmp_path
     rows = json.load(open(f"{toy}/data/sft.json"))
     rows[3]["conversations"] = rows[3]["conversations"][:1]  # a question with no answer
     (tmp_path / "bad.json").write_text(json.dumps(rows))
-    argv = replace(args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir],
-                   "--data", str(tmp_path / "bad.json"))
-    with pytest.raises(SystemExit, match=f"^error: {tmp_path}/bad.json: 1 bad sample.*\n  sample {rows[3]['id']}: turns"):
+    argv = replace(
+        args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir],
+        "--data",
+        str(tmp_path / "bad.json"),
+    )
+    with pytest.raises(
+        SystemExit,
+        match=f"^error: {tmp_path}/bad.json: 1 bad sample.*\n  sample {rows[3]['id']}: turns",
+    ):
         llava_kd.main(argv)
 
 
 def test_the_command_line_prints_one_line_and_no_traceback_once_per_run(toy, student_dir, tmp_path):
     argv = args(toy, tmp_path) + ["--init", student_dir, "--teacher", "/tmp/nonexist"]
-    one = subprocess.run([sys.executable, "llava_kd.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    line = "error: --teacher /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory\n"
+    one = subprocess.run(
+        [sys.executable, "llava_kd.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = (
+        "error: --teacher /tmp/nonexist: no such directory; expected a LLaVA checkpoint directory\n"
+    )
     assert one.returncode == 1 and one.stderr == line and "Traceback" not in one.stdout + one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "llava_kd.py", *replace(argv, "--batch_size", "4")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert two.returncode != 0 and (two.stdout + two.stderr).count(line.strip()) == 1  # every rank stops, one says it
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "llava_kd.py",
+            *replace(argv, "--batch_size", "4"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        two.returncode != 0 and (two.stdout + two.stderr).count(line.strip()) == 1
+    )  # every rank stops, one says it
 
 
 def test_log_after_a_crash_and_resume_holds_each_step_once(toy, student_dir, tmp_path):
     common = ["--init", student_dir, "--lr", "1e-3", "--save_every", "2", "--teacher", student_dir]
     llava_kd.main(args(toy, tmp_path / "whole") + common + ["--max_steps", "4"])
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
-    llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "2"])  # the checkpoint at step 2
-    with open(tmp_path / "crash" / "log.jsonl", "a") as f:  # the crashed run got to log step 3, not to save it
+    llava_kd.main(
+        args(toy, tmp_path / "crash") + common + ["--max_steps", "2"]
+    )  # the checkpoint at step 2
+    with open(
+        tmp_path / "crash" / "log.jsonl", "a"
+    ) as f:  # the crashed run got to log step 3, not to save it
         f.write(json.dumps(dict(whole[2], loss=123.0)) + "\n")
     llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "4", "--resume"])
     resumed = [json.loads(line) for line in open(tmp_path / "crash" / "log.jsonl")]
@@ -121,16 +225,24 @@ def test_log_after_a_crash_and_resume_holds_each_step_once(toy, student_dir, tmp
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
-def test_the_no_weights_guard_catches_the_loads_training_makes(toy, student_dir, tmp_path, no_weights):
-    """The guard above is what makes "before any weights load" true: valid flags get past the checks to the first
-    load, through the same calls training makes for a new student and for --init."""
+def test_the_no_weights_guard_catches_the_loads_training_makes(
+    toy, student_dir, tmp_path, no_weights
+):
+    """The guard above is what makes "before any weights load" true: valid flags get past the checks
+    to the first load, through the same calls training makes for a new student and for --init."""
     with pytest.raises(AssertionError, match="weights were loaded"):
         llava_kd.main(args(toy, tmp_path, "sft") + ["--init", student_dir])
     with pytest.raises(AssertionError, match="weights were loaded"):
-        llava_kd.main(args(toy, tmp_path, "pt", "pretrain") + ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"])
+        llava_kd.main(
+            args(toy, tmp_path, "pt", "pretrain")
+            + ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"]
+        )
 
 
-def test_toy_eval_names_a_wrong_model_dir():  # SystemExit(str): Python prints it as one line and exits 1
+# SystemExit(str): Python prints it as one line and exits 1
+def test_toy_eval_names_a_wrong_model_dir():
     with pytest.raises(SystemExit) as e:
         toy_module.main(["eval", "--model", "/tmp/nonexist", "--data", "x", "--images", "y"])
-    assert str(e.value).startswith("error: --model /tmp/nonexist: no such directory") and "\n" not in str(e.value)
+    assert str(e.value).startswith(
+        "error: --model /tmp/nonexist: no such directory"
+    ) and "\n" not in str(e.value)

@@ -1,4 +1,5 @@
 """Model wrapper, stage freezing and the LLaVA data pipeline, on the offline toy setup."""
+
 import json
 import os
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 import data
 import llava_kd
+import runtime
 from data import DataError, LlavaDataset, collate
 
 
@@ -20,7 +22,7 @@ def student(toy):
 def teacher_dir(toy, tmp_path_factory):
     model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
     out = str(tmp_path_factory.mktemp("teacher"))
-    llava_kd.save_checkpoint_files(model, proc, out)
+    runtime.save_checkpoint_files(model, proc, out)
     return out
 
 
@@ -35,11 +37,17 @@ def count_trainable(model):
 @pytest.mark.parametrize("stage", ["pt", "dpt", "sft", "dft"])
 def test_stage_trains_exactly_its_parts(toy, teacher_dir, stage):
     model, proc = student(toy)
-    teacher = llava_kd.load_teacher(teacher_dir, model, proc) if llava_kd.STAGES[stage]["teacher"] else None
+    teacher = (
+        llava_kd.load_teacher(teacher_dir, model, proc)
+        if llava_kd.STAGES[stage]["teacher"]
+        else None
+    )
     llava_kd.apply_stage(model, stage)
     n = count_trainable(model)
-    sizes = {k: sum(p.numel() for name, p in model.named_parameters() if name.startswith(v))
-             for k, v in llava_kd.PARTS.items()}
+    sizes = {
+        k: sum(p.numel() for name, p in model.named_parameters() if name.startswith(v))
+        for k, v in llava_kd.PARTS.items()
+    }
     assert n["vision"] == 0
     assert n["projector"] == sizes["projector"] > 0
     assert n["llm"] == (sizes["llm"] if stage in ("sft", "dft") else 0) and sizes["llm"] > 0
@@ -53,19 +61,30 @@ def test_build_student_loads_pretrained_parts_and_new_projector(toy):
     llm = transformers.AutoModelForCausalLM.from_pretrained(f"{toy}/student_llm")
     vision = transformers.SiglipVisionModel.from_pretrained(f"{toy}/vision")
     for k, v in llm.state_dict().items():
-        key = "lm_head." + k[len("lm_head."):] if k.startswith("lm_head.") else "model.language_model." + k[len("model."):]
+        key = (
+            "lm_head." + k[len("lm_head.") :]
+            if k.startswith("lm_head.")
+            else "model.language_model." + k[len("model.") :]
+        )
         assert torch.equal(model.state_dict()[key], v), k
     for k, v in vision.state_dict().items():
         assert torch.equal(model.state_dict()["model.vision_tower." + k], v), k
     c = model.config
-    assert (c.vision_feature_select_strategy, c.vision_feature_layer, c.projector_hidden_act) == ("full", -2, "gelu")
+    assert (c.vision_feature_select_strategy, c.vision_feature_layer, c.projector_hidden_act) == (
+        "full",
+        -2,
+        "gelu",
+    )
     assert c.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>")
     v = c.vision_config
-    assert c.image_seq_length == data.image_seq_length(proc) == (v.image_size // v.patch_size) ** 2  # no CLS dropped
+    assert (
+        c.image_seq_length == data.image_seq_length(proc) == (v.image_size // v.patch_size) ** 2
+    )  # no CLS dropped
 
 
 def test_loading_fails_loudly_on_missing_or_mis_shaped_weights(toy, tmp_path):
     from safetensors.torch import load_file, save_file
+
     llm = transformers.AutoModelForCausalLM.from_pretrained(f"{toy}/student_llm")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         os.symlink(f"{toy}/student_llm/{f}", tmp_path / f)
@@ -84,22 +103,24 @@ def test_loading_fails_loudly_on_missing_or_mis_shaped_weights(toy, tmp_path):
 def test_incompatible_teacher_is_refused(toy, teacher_dir):
     model, proc = student(toy)
     teacher, t_proc = llava_kd.load_llava(teacher_dir)
-    llava_kd.check_compatible(teacher, t_proc, model, proc)  # the toy pair is compatible
+    runtime.check_compatible(teacher, t_proc, model, proc)  # the toy pair is compatible
     teacher.config.image_token_id += 1
     with pytest.raises(ValueError, match="image token ids differ"):
-        llava_kd.check_compatible(teacher, t_proc, model, proc)
+        runtime.check_compatible(teacher, t_proc, model, proc)
     teacher.config.image_token_id -= 1
     t_proc.tokenizer.add_tokens(["<extra>"])
     proc.tokenizer.add_tokens(["<other>"])
     with pytest.raises(ValueError, match="tokenizers disagree"):
-        llava_kd.check_compatible(teacher, t_proc, model, proc)
+        runtime.check_compatible(teacher, t_proc, model, proc)
     _, proc = student(toy)
     proc.image_processor.size = {"height": 16, "width": 16}
     with pytest.raises(ValueError, match="visual tokens per image differ"):
-        llava_kd.check_compatible(teacher, t_proc, model, proc)
+        runtime.check_compatible(teacher, t_proc, model, proc)
 
 
-# ---- data -----------------------------------------------------------------------------------------
+# ---- data
+# -----------------------------------------------------------------------------------------
+
 
 def write(tmp_path, rows, images=("a.png",)):
     for name in images:
@@ -119,21 +140,39 @@ def labelled(ds, item):
 
 def test_pretrain_labels_are_the_caption_and_end_of_text(toy, tmp_path):
     _, proc = student(toy)
-    path = write(tmp_path, [{"id": "p", "image": "a.png", "conversations": turns("<image>\nDescribe.", "a red square.")}])
+    path = write(
+        tmp_path,
+        [
+            {
+                "id": "p",
+                "image": "a.png",
+                "conversations": turns("<image>\nDescribe.", "a red square."),
+            }
+        ],
+    )
     ds = LlavaDataset(path, str(tmp_path), proc, chat=False, max_length=200)
     item = ds[0]
     assert labelled(ds, item) == "a red square.<|endoftext|>"
     n = ds.n_image_tokens
-    assert (item["input_ids"][:n] == proc.image_token_id).all() and (item["labels"][:n] == data.IGNORE).all()
+    assert (item["input_ids"][:n] == proc.image_token_id).all() and (
+        item["labels"][:n] == data.IGNORE
+    ).all()
     assert item["pixel_values"].shape == (3, 32, 32)
 
 
 def test_chat_labels_are_exactly_the_answers_with_end_tokens(toy, tmp_path):
     _, proc = student(toy)
-    rows = [{"id": "single", "image": "a.png", "conversations": turns("<image>\nWhat colour?", "red")},
-            {"id": "multi", "image": "a.png", "conversations": turns("<image>\nWhat colour?", "red",
-                                                                          "What shape?", "square", "Where?", "top left")},
-            {"id": "text", "conversations": turns("What is the opposite of top?", "bottom")}]
+    rows = [
+        {"id": "single", "image": "a.png", "conversations": turns("<image>\nWhat colour?", "red")},
+        {
+            "id": "multi",
+            "image": "a.png",
+            "conversations": turns(
+                "<image>\nWhat colour?", "red", "What shape?", "square", "Where?", "top left"
+            ),
+        },
+        {"id": "text", "conversations": turns("What is the opposite of top?", "bottom")},
+    ]
     ds = LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=300)
     assert labelled(ds, ds[0]) == "red<|im_end|>"
     assert labelled(ds, ds[1]) == "red<|im_end|>square<|im_end|>top left<|im_end|>"
@@ -146,11 +185,20 @@ def test_chat_labels_are_exactly_the_answers_with_end_tokens(toy, tmp_path):
 
 def test_truncation_cuts_text_from_the_end_never_image_tokens(toy, tmp_path):
     _, proc = student(toy)
-    rows = [{"id": "long", "image": "a.png", "conversations": turns("<image>\nWhat colour?", "red " * 50)}]
+    rows = [
+        {
+            "id": "long",
+            "image": "a.png",
+            "conversations": turns("<image>\nWhat colour?", "red " * 50),
+        }
+    ]
     path = write(tmp_path, rows)
     n = data.image_seq_length(proc)
     item = LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=n + 20)[0]
-    assert len(item["input_ids"]) == n + 20 and int((item["input_ids"] == proc.image_token_id).sum()) == n
+    assert (
+        len(item["input_ids"]) == n + 20
+        and int((item["input_ids"] == proc.image_token_id).sum()) == n
+    )
     with pytest.raises(DataError, match="--max_length"):
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=n)[0]
 
@@ -165,33 +213,59 @@ def test_visual_mask_and_mixed_batch_through_teacher_and_student(toy, teacher_di
     mask = batch["input_ids"] == model.config.image_token_id
     assert mask.sum(1).tolist() == [ds.n_image_tokens, 0, ds.n_image_tokens]
     assert batch["pixel_values"].shape[0] == 2
-    assert (batch["attention_mask"].sum(1) == torch.tensor([len(r["input_ids"]) for r in rows])).all()
+    assert (
+        batch["attention_mask"].sum(1) == torch.tensor([len(r["input_ids"]) for r in rows])
+    ).all()
     z_v = llava_kd.vision_features(model, batch["pixel_values"])
     s = llava_kd.llava_logits(model, batch["input_ids"], batch["attention_mask"], z_v)
     with torch.no_grad():
         t = llava_kd.llava_logits(teacher, batch["input_ids"], batch["attention_mask"], z_v)
     loss, terms = llava_kd.distill_loss(s, t, batch["labels"], mask)
-    assert torch.isfinite(loss) and all(terms[k] > 0 for k in ("L_res", "L_vis", "L_rel")) and terms["L_pro"] == 0
+    assert (
+        torch.isfinite(loss)
+        and all(terms[k] > 0 for k in ("L_res", "L_vis", "L_rel"))
+        and terms["L_pro"] == 0
+    )
     # the shared-vision path gives what the stock forward (pixel_values in) gives
     ref = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
     torch.testing.assert_close(s, ref)
 
 
 BAD = [
-    ({"id": "x1", "image": "missing.png", "conversations": turns("<image>\nQ?", "A")}, "x1: image file .*not found"),
-    ({"id": "x2", "conversations": turns("<image>\nQ?", "A")}, "x2: <image> in the text of a sample with no 'image'"),
-    ({"id": "x3", "image": "a.png", "conversations": turns("<image>\nQ?", "A")[::-1]}, "x3: turns must alternate"),
-    ({"id": "x4", "image": "a.png", "conversations": turns("<image>\nQ?")}, "x4: turns must alternate"),
+    (
+        {"id": "x1", "image": "missing.png", "conversations": turns("<image>\nQ?", "A")},
+        "x1: image file .*not found",
+    ),
+    (
+        {"id": "x2", "conversations": turns("<image>\nQ?", "A")},
+        "x2: <image> in the text of a sample with no 'image'",
+    ),
+    (
+        {"id": "x3", "image": "a.png", "conversations": turns("<image>\nQ?", "A")[::-1]},
+        "x3: turns must alternate",
+    ),
+    (
+        {"id": "x4", "image": "a.png", "conversations": turns("<image>\nQ?")},
+        "x4: turns must alternate",
+    ),
     ({"id": "x5", "image": "a.png", "conversations": []}, "x5: empty or missing 'conversations'"),
-    ({"id": "x6", "image": ["a.png", "a.png"], "conversations": turns("<image>\nQ?", "A")}, "x6: one image per sample"),
-    ({"id": "x7", "image": "a.png", "conversations": turns("<image>\n<image>\nQ?", "A")}, "x7: one image per sample"),
+    (
+        {"id": "x6", "image": ["a.png", "a.png"], "conversations": turns("<image>\nQ?", "A")},
+        "x6: one image per sample",
+    ),
+    (
+        {"id": "x7", "image": "a.png", "conversations": turns("<image>\n<image>\nQ?", "A")},
+        "x7: one image per sample",
+    ),
 ]
 
 
 @pytest.mark.parametrize("row,message", BAD, ids=[r["id"] for r, _ in BAD])
 def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
     _, proc = student(toy)
-    path = write(tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}, row])
+    path = write(
+        tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}, row]
+    )
     with pytest.raises(DataError, match=message) as e:
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
     assert path in str(e.value) and "1 bad sample" in str(e.value)
@@ -200,44 +274,62 @@ def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
 def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
     _, proc = student(toy)
     (tmp_path / "obj.json").write_text(json.dumps({"id": "x", "conversations": []}))
-    with pytest.raises(DataError, match=f"^{tmp_path}/obj.json: not a readable LLaVA JSON list of samples"):
+    with pytest.raises(
+        DataError, match=f"^{tmp_path}/obj.json: not a readable LLaVA JSON list of samples"
+    ):
         LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=200)
     rows = [{"id": f"b{i}", "conversations": []} for i in range(25)]
     with pytest.raises(DataError) as e:
         LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)
     lines = str(e.value).splitlines()
-    assert "25 bad sample(s)" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1] == "  ..."  # the first 20 named
+    assert (
+        "25 bad sample(s)" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1] == "  ..."
+    )  # the first 20 named
     assert lines[20] == "  sample b19: empty or missing 'conversations'"
 
 
 def test_a_chat_stage_needs_a_template_that_renders_a_llava_prompt(toy, tmp_path):
     model, proc = student(toy)
-    path = write(tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}])
+    path = write(
+        tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}]
+    )
     proc.chat_template = proc.tokenizer.chat_template = None
-    with pytest.raises(DataError, match="sft/dft render conversations with the model's chat template, and its "
-                                        "processor and tokenizer have none"):
+    with pytest.raises(
+        DataError,
+        match="sft/dft render conversations with the model's chat template, and its "
+        "processor and tokenizer have none",
+    ):
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
     LlavaDataset(path, str(tmp_path), proc, chat=False, max_length=200)  # pt/dpt need none
     proc.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # no content at all
-    with pytest.raises(data.UserError, match="^where: its chat template renders neither string nor typed content"):
-        llava_kd.prepare_chat(proc, model.generation_config, "where")
+    with pytest.raises(
+        data.UserError, match="^where: its chat template renders neither string nor typed content"
+    ):
+        data.prepare_chat(proc, model.generation_config, "where")
 
 
 def test_image_without_tag_is_put_at_the_start_of_the_first_human_turn(toy, tmp_path, capsys):
     _, proc = student(toy)
-    rows = [{"id": "m", "image": "a.png", "conversations": turns("What colour?", "red")},
-            {"id": "n", "image": "a.png", "conversations": turns("What colour? <image>", "red")}]
+    rows = [
+        {"id": "m", "image": "a.png", "conversations": turns("What colour?", "red")},
+        {"id": "n", "image": "a.png", "conversations": turns("What colour? <image>", "red")},
+    ]
     ds = LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)
     assert "in 2 sample(s)" in capsys.readouterr().out
     for item in (ds[0], ds[1]):
         ids = item["input_ids"].tolist()
         first = ids.index(proc.image_token_id)
-        assert ds.tok.decode(ids[:first]) == "<|im_start|>user\n" and labelled(ds, item) == "red<|im_end|>"
+        assert (
+            ds.tok.decode(ids[:first]) == "<|im_start|>user\n"
+            and labelled(ds, item) == "red<|im_end|>"
+        )
 
 
 def test_unreadable_image_raises_naming_file_and_id(toy, tmp_path):
     _, proc = student(toy)
-    path = write(tmp_path, [{"id": "broken", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}])
+    path = write(
+        tmp_path, [{"id": "broken", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}]
+    )
     (tmp_path / "a.png").write_bytes(b"not a png")
     ds = LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
     with pytest.raises(DataError, match="sample broken: cannot read image .*a.png"):
@@ -246,15 +338,23 @@ def test_unreadable_image_raises_naming_file_and_id(toy, tmp_path):
 
 def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
     model, proc = student(toy)
-    llava_kd.save_checkpoint_files(model, proc, tmp_path)
+    runtime.save_checkpoint_files(model, proc, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
     proc = transformers.AutoProcessor.from_pretrained(tmp_path)
-    prompt = proc.apply_chat_template([{"role": "user", "content": "<image>\nWhat colour is the circle?"}],
-                                      add_generation_prompt=True, tokenize=False)
+    prompt = proc.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat colour is the circle?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     image = Image.open(f"{toy}/data/images/test_00000.png")
     inputs = proc(images=image, text=prompt, return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == model.config.image_seq_length
+    assert (
+        int((inputs["input_ids"] == model.config.image_token_id).sum())
+        == model.config.image_seq_length
+    )
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    text = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert out.shape[1] > inputs["input_ids"].shape[1] and isinstance(text, str) and len(text) > 0  # untrained: any text
+    text = proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert (
+        out.shape[1] > inputs["input_ids"].shape[1] and isinstance(text, str) and len(text) > 0
+    )  # untrained: any text

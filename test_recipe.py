@@ -1,30 +1,50 @@
-"""train.sh's toy recipe end to end, shortened to a few steps per stage: every stage, eval and the table. It runs
-beside the other tests, from the start of the session (conftest.py's `recipe`)."""
+"""train.sh's toy recipe end to end, shortened to a few steps per stage: every stage, eval and the
+table. It runs beside the other tests, from the start of the session (conftest.py's `recipe`)."""
+
 import json
 
 import toy as toy_module
 
-ROWS = ["question-only prior (no image)", "teacher PT-SFT", "student PT-SFT", "student DPT-SFT", "student PT-SFT-DFT",
-        "student DPT-SFT-DFT (LLaVA-KD)", "student PT-SFT-SFT (no teacher)"]
+ROWS = [
+    "question-only prior (no image)",
+    "teacher PT-SFT",
+    "student PT-SFT",
+    "student DPT-SFT",
+    "student PT-SFT-DFT",
+    "student DPT-SFT-DFT (LLaVA-KD)",
+    "student PT-SFT-SFT (no teacher)",
+]
 
 
 def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
-    out, proc, output = recipe  # train.sh with OUT, SEEDS=1, TOY_STEPS=2, TOY_QUICK=1, NGPU=1, TOY_SEED=1: conftest.py
+    out, proc, output = (
+        # train.sh with OUT, SEEDS=1, TOY_STEPS=2, TOY_QUICK=1, NGPU=1, TOY_SEED=1: conftest.py
+        recipe
+    )
     assert proc.wait(timeout=900) == 0, output.read_text()[-3000:]
     stdout = output.read_text()
     table = (out / "toy" / "table.md").read_text()
-    lines = [l for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
-    assert [l.split(" | ")[0][2:] for l in lines] == ROWS
-    assert all(l.endswith("| 1 |") for l in lines)  # seeds per row
+    lines = [row for row in table.splitlines() if row.startswith("| ") and "---" not in row][1:]
+    assert [row.split(" | ")[0][2:] for row in lines] == ROWS
+    assert all(row.endswith("| 1 |") for row in lines)  # seeds per row
     assert table.splitlines()[0] in stdout and "wall time" in stdout
-    results = [json.loads(l) for l in open(out / "toy" / "results.jsonl")]
+    results = [json.loads(line) for line in open(out / "toy" / "results.jsonl")]
     assert len(results) == 2 + 5  # exact-match counts over the 16 test questions
     assert all(r["accuracy"] * 16 == round(r["accuracy"] * 16) for r in results)
     # the distilled stages ran with a teacher, the others without
-    for stage, teacher in (("pt", False), ("dpt", True), ("pt-sft-dft", True), ("pt-sft-sft", False)):
-        log = [json.loads(l) for l in open(out / "toy" / "seed1" / stage / "log.jsonl")]
+    for stage, teacher in (
+        ("pt", False),
+        ("dpt", True),
+        ("pt-sft-dft", True),
+        ("pt-sft-sft", False),
+    ):
+        log = [json.loads(line) for line in open(out / "toy" / "seed1" / stage / "log.jsonl")]
         assert len(log) == 2 and all((r["L_vis"] > 0) == teacher for r in log)
     # the toy setup is TOY_SEED's draw
-    toy_module.make_toy_data(str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"})
+    toy_module.make_toy_data(
+        str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"}
+    )
     for split in ("sft", "test"):
-        assert (out / "draw1" / f"{split}.json").read_text() == (out / "toy/setup/data" / f"{split}.json").read_text()
+        assert (out / "draw1" / f"{split}.json").read_text() == (
+            out / "toy/setup/data" / f"{split}.json"
+        ).read_text()

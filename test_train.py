@@ -1,4 +1,5 @@
 """The training loop on the toy setup: DDP equivalence, resume, every stage, NaN handling."""
+
 import copy
 import json
 import math
@@ -12,7 +13,9 @@ import pytest
 import torch
 import transformers
 
+import data
 import llava_kd
+import runtime
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,14 +27,30 @@ def ckpts(toy, tmp_path_factory):
     for name in ("teacher", "student"):
         torch.manual_seed(0)
         model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
-        llava_kd.save_checkpoint_files(model, proc, out / name)
+        runtime.save_checkpoint_files(model, proc, out / name)
     return out
 
 
 def args(toy, stage, out, *extra):
     data = "pretrain" if stage in ("pt", "dpt") else "sft"
-    return ["train", "--stage", stage, "--data", f"{toy}/data/{data}.json", "--images", f"{toy}/data/images",
-            "--out", str(out), "--workers", "0", "--global_batch_size", "16", "--batch_size", "8", *extra]
+    return [
+        "train",
+        "--stage",
+        stage,
+        "--data",
+        f"{toy}/data/{data}.json",
+        "--images",
+        f"{toy}/data/images",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--global_batch_size",
+        "16",
+        "--batch_size",
+        "8",
+        *extra,
+    ]
 
 
 def weights(d):  # by module name (the file on disk keeps transformers' older key names)
@@ -42,7 +61,9 @@ def changed(a, b):
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
-def start(cmd, env=None):  # output to a file: a pipe that nobody reads while another process is awaited can fill
+def start(
+    cmd, env=None
+):  # output to a file: a pipe that nobody reads while another process is awaited can fill
     log = tempfile.TemporaryFile("w+")
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     p.log = log
@@ -50,18 +71,40 @@ def start(cmd, env=None):  # output to a file: a pipe that nobody reads while an
 
 
 def torchrun(*argv, nproc=2, extra=()):
-    return [start([sys.executable, "-m", "torch.distributed.run", *(extra or ["--standalone"]),
-                   f"--nproc_per_node={nproc}", "llava_kd.py", *argv])]
+    return [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *(extra or ["--standalone"]),
+                f"--nproc_per_node={nproc}",
+                "llava_kd.py",
+                *argv,
+            ]
+        )
+    ]
 
 
 def processes(*argv, nproc=2):
-    """nproc processes of `llava_kd.py argv` with the variables torchrun gives its workers, without torchrun's own
-    process: its start-up is all it would add here (train.sh, the two-node test and test_errors.py run torchrun)."""
+    """nproc processes of `llava_kd.py argv` with the variables torchrun gives its workers, without
+    torchrun's own
+    process: its start-up is all it would add here (train.sh, the two-node test and test_errors.py
+    run torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    return [start([sys.executable, "llava_kd.py", *argv], dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
+    return [
+        start([sys.executable, "llava_kd.py", *argv], dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        for r in range(nproc)
+    ]
 
 
 def finish(*runs):  # each process's output
@@ -75,27 +118,45 @@ def finish(*runs):  # each process's output
 
 
 def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy, ckpts, tmp_path):
-    """A global batch of 16 as 1 x 16, as 1 process x 4 x 4 micro-steps, and as 2 processes x 4 x 2: the toy's
-    micro-batches differ in answer rows, visual rows and images (text-only rows), so a loop that divided each
-    micro-batch by its own counts would not end where one batch of 16 does."""
-    common = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "2"]
+    """A global batch of 16 as 1 x 16, as 1 process x 4 x 4 micro-steps, and as 2 processes x 4 x 2:
+    the toy's micro-batches differ in answer rows, visual rows and images (text-only rows), so a
+    loop that divided each micro-batch by its own counts would not end where one batch of 16 does.
+    """
+    common = [
+        "--init",
+        str(ckpts / "student"),
+        "--teacher",
+        str(ckpts / "teacher"),
+        "--lr",
+        "1e-3",
+        "--max_steps",
+        "2",
+    ]
+
     def run(out, batch):
         argv = args(toy, "dft", tmp_path / out, *common)
         argv[argv.index("--batch_size") + 1] = batch
         return argv
+
     two = processes(*run("two", "4"))  # 2 processes x 4 x 2, beside the in-process runs
     llava_kd.main(run("one", "16"))
     llava_kd.main(run("accum", "4"))
-    assert "(2 x 4 x 2)" in finish(two)[0]  # rank 0 names the split: 2 processes x 4 x 2 micro-steps
+    assert (
+        "(2 x 4 x 2)" in finish(two)[0]
+    )  # rank 0 names the split: 2 processes x 4 x 2 micro-steps
     one, start = weights(tmp_path / "one"), weights(ckpts / "student")
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4  # training moved the weights
-    # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8 the rounding of
-    # another summation order reaches the update (~3e-6 seen); a wrong mean moves weights by ~lr = 1e-3
+    # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8
+    # the rounding of another summation order reaches the update (~3e-6 seen); a wrong mean moves
+    # weights by ~lr = 1e-3
     for other in ("accum", "two"):
         w = weights(tmp_path / other)
         for k in one:
             torch.testing.assert_close(one[k], w[k], rtol=0, atol=1e-5, msg=f"{other}: {k}")
-    logs = {d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "accum", "two")}
+    logs = {
+        d: [json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
+        for d in ("one", "accum", "two")
+    }
     assert [len(x) for x in logs.values()] == [2, 2, 2]
     for d in ("accum", "two"):
         for a, b in zip(logs["one"], logs[d]):
@@ -105,20 +166,36 @@ def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy,
 
 @pytest.mark.parametrize("stage", ["dpt", "dft"])
 def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts, tmp_path, stage):
-    """One logged step (8 samples in 2 micro-batches, every term on) and its gradient, against float64 math (test_losses.reference,
-    written from the equations) on the logits of the stock LlavaForConditionalGeneration forward of both models."""
-    import data
+    """One logged step (8 samples in 2 micro-batches, every term on) and its gradient, against
+    float64 math (test_losses.reference, written from the equations) on the logits of the stock
+    LlavaForConditionalGeneration forward of both models."""
     from test_losses import NAMES, reference
-    flags = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--max_steps", "1", "--delta", "0.3"]
+
+    flags = [
+        "--init",
+        str(ckpts / "student"),
+        "--teacher",
+        str(ckpts / "teacher"),
+        "--max_steps",
+        "1",
+        "--delta",
+        "0.3",
+    ]
     argv = args(toy, stage, tmp_path, *flags)
     argv[argv.index("--global_batch_size") + 1], argv[argv.index("--batch_size") + 1] = "8", "4"
     llava_kd.main(argv)
-    (rec,) = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     # the step's samples, in the loop's order, through the loop's own processor set-up
     model, proc = llava_kd.load_llava(ckpts / "student")
-    llava_kd.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
+    data.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
     teacher = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
-    ds = data.LlavaDataset(argv[argv.index("--data") + 1], f"{toy}/data/images", proc, chat=stage == "dft", max_length=2048)
+    ds = data.LlavaDataset(
+        argv[argv.index("--data") + 1],
+        f"{toy}/data/images",
+        proc,
+        chat=stage == "dft",
+        max_length=2048,
+    )
     sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(0)
     rows = [ds[i] for i in list(sampler)[:8]]
@@ -127,7 +204,11 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     # float64: the stock forward of each model, then the equations
     s64, t64 = copy.deepcopy(model).double(), copy.deepcopy(teacher).double()
     llava_kd.apply_stage(s64, stage)
-    inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"].double())
+    inputs = dict(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        pixel_values=b["pixel_values"].double(),
+    )
     with torch.no_grad():
         t = t64(**inputs).logits
     ref = reference(s64(**inputs).logits, t, b["labels"], visual, b["attention_mask"])
@@ -136,16 +217,35 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     ref_loss = ref[0] + ref[1] + ref[2] + 0.5 * ref[3] + 0.3 * ref[4]
     assert rec["loss"] == pytest.approx(float(ref_loss.detach()), rel=2e-5)
     names = [n for n, p in s64.named_parameters() if p.requires_grad]
-    want = dict(zip(names, torch.autograd.grad(ref_loss, [p for p in s64.parameters() if p.requires_grad])))
-    # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's counts
+    want = dict(
+        zip(names, torch.autograd.grad(ref_loss, [p for p in s64.parameters() if p.requires_grad]))
+    )
+    # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's
+    # counts
     llava_kd.apply_stage(model, stage)
-    model.model.vision_tower = teacher.model.vision_tower  # shared, as load_teacher does (the same weights here)
-    counts = [float(m.sum()) for m in (llava_kd.response_rows(b["labels"]), visual, visual.any(1),
-                                       llava_kd.prompt_rows(b["labels"], visual, b["attention_mask"]))]
+    model.model.vision_tower = (
+        teacher.model.vision_tower
+    )  # shared, as load_teacher does (the same weights here)
+    counts = [
+        float(m.sum())
+        for m in (
+            llava_kd.response_rows(b["labels"]),
+            visual,
+            visual.any(1),
+            llava_kd.prompt_rows(b["labels"], visual, b["attention_mask"]),
+        )
+    ]
     for i in (0, 4):
-        mb = data.collate(rows[i:i + 4], proc.tokenizer.pad_token_id)
-        loss, _ = llava_kd.stage_loss(llava_kd._Student(model), model, teacher, mb, (1.0, 1.0, 0.5, 0.3), counts,
-                                      llava_kd.teacher_gram(teacher, model))
+        mb = data.collate(rows[i : i + 4], proc.tokenizer.pad_token_id)
+        loss, _ = llava_kd.stage_loss(
+            llava_kd.Student(model),
+            model,
+            teacher,
+            mb,
+            (1.0, 1.0, 0.5, 0.3),
+            counts,
+            llava_kd.teacher_gram(teacher, model),
+        )
         loss.backward()
     got = dict(model.named_parameters())
     for n in names:
@@ -153,24 +253,53 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
 
 
 def test_lr_follows_table_a9_and_gradients_are_clipped_to_one(toy, ckpts, tmp_path, monkeypatch):
-    # Table A9: warm-up over the first 3% of the steps, then cosine decay to 0; written out for 100 steps, peak 1e-3
-    want = {0: 1e-3 / 3, 1: 2e-3 / 3, 2: 1e-3, 3: 1e-3, 50: 0.5e-3 * (1 + math.cos(math.pi * 47 / 97)),
-            99: 0.5e-3 * (1 + math.cos(math.pi * 96 / 97))}
+    # Table A9: warm-up over the first 3% of the steps, then cosine decay to 0; written out for 100
+    # steps, peak 1e-3
+    want = {
+        0: 1e-3 / 3,
+        1: 2e-3 / 3,
+        2: 1e-3,
+        3: 1e-3,
+        50: 0.5e-3 * (1 + math.cos(math.pi * 47 / 97)),
+        99: 0.5e-3 * (1 + math.cos(math.pi * 96 / 97)),
+    }
     for step, lr in want.items():
-        assert llava_kd.lr_at(step, 100, 1e-3) == pytest.approx(lr, rel=1e-12)
+        assert llava_kd.lr_at(step, 100, 1e-3, 0.03) == pytest.approx(lr, rel=1e-12)
     norms = []  # the gradient's norm when the optimizer steps: after clipping
     step = torch.optim.AdamW.step
+
     def recording_step(self, *a, **kw):
-        norms.append(float(torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]]).norm()))
+        norms.append(
+            float(
+                torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]]).norm()
+            )
+        )
         return step(self, *a, **kw)
+
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    llava_kd.main(args(toy, "sft", tmp_path, "--init", str(ckpts / "student"), "--max_steps", "3", "--lr", "1e-3"))
-    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    llava_kd.main(
+        args(
+            toy,
+            "sft",
+            tmp_path,
+            "--init",
+            str(ckpts / "student"),
+            "--max_steps",
+            "3",
+            "--lr",
+            "1e-3",
+        )
+    )
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     total = len(json.load(open(f"{toy}/data/sft.json"))) // 16
-    assert [r["lr"] for r in log] == pytest.approx([llava_kd.lr_at(s, total, 1e-3) for s in range(3)], rel=1e-12)
+    assert [r["lr"] for r in log] == pytest.approx(
+        [llava_kd.lr_at(s, total, 1e-3, 0.03) for s in range(3)], rel=1e-12
+    )
     for r, n in zip(log, norms):
         assert n == pytest.approx(min(r["grad_norm"], 1.0), rel=1e-5)
-    assert max(r["grad_norm"] for r in log) > 1  # the toy's first steps are clipped: the test sees clipping act
+    assert (
+        max(r["grad_norm"] for r in log) > 1
+    )  # the toy's first steps are clipped: the test sees clipping act
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
@@ -182,16 +311,26 @@ def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
     assert changed(a, weights(ckpts / "student"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
-    steps = [json.loads(l)["step"] for l in open(tmp_path / "parts" / "log.jsonl")]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "parts" / "log.jsonl")]
     assert steps == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="another data size, --global_batch_size or --seed"):
         llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--seed", "1", "--resume"))
 
 
 def test_resume_across_an_epoch_boundary_and_refusals(toy, ckpts, tmp_path):
-    """100 samples / 16 = 6 steps an epoch: stopped at step 5, resumed into the second epoch, it ends where an
-    uninterrupted run does. Another global batch, and a train_state.pt holding pickled code, are refused."""
-    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1", "--epochs", "2"]
+    """100 samples / 16 = 6 steps an epoch: stopped at step 5, resumed into the second epoch, it
+    ends where an uninterrupted run does. Another global batch, and a train_state.pt holding pickled
+    code, are refused."""
+    common = [
+        "--init",
+        str(ckpts / "student"),
+        "--lr",
+        "1e-3",
+        "--save_every",
+        "1",
+        "--epochs",
+        "2",
+    ]
     llava_kd.main(args(toy, "sft", tmp_path / "whole", *common, "--max_steps", "8"))
     llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "5"))
     llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "8", "--resume"))
@@ -207,17 +346,28 @@ def test_resume_across_an_epoch_boundary_and_refusals(toy, ckpts, tmp_path):
     torch.save(dict(state, hook=os.system), path)  # a shared checkpoint carrying a callable
     with pytest.raises(SystemExit) as e:
         llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "9", "--resume"))
-    assert str(e.value).startswith(f"error: --resume: {path} holds more than tensors and plain values")
+    assert str(e.value).startswith(
+        f"error: --resume: {path} holds more than tensors and plain values"
+    )
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("flag", [["--grad_checkpointing"], ["--workers", "2"]])
 def test_grad_checkpointing_and_loader_workers_do_not_change_a_step(toy, ckpts, tmp_path, flag):
-    common = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "2"]
+    common = [
+        "--init",
+        str(ckpts / "student"),
+        "--teacher",
+        str(ckpts / "teacher"),
+        "--lr",
+        "1e-3",
+        "--max_steps",
+        "2",
+    ]
     llava_kd.main(args(toy, "dft", tmp_path / "plain", *common))
     argv = args(toy, "dft", tmp_path / "flag", *common, *flag)
     if flag[0] == "--workers":
-        del argv[argv.index("--workers"):argv.index("--workers") + 2]  # only the flag's own value
+        del argv[argv.index("--workers") : argv.index("--workers") + 2]  # only the flag's own value
     llava_kd.main(argv)
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "flag")
     assert changed(a, weights(ckpts / "student"))
@@ -237,22 +387,41 @@ def test_each_stage_trains_its_parts_and_writes_a_stock_checkpoint(toy, ckpts, t
     parts = {next(p for p, pre in llava_kd.PARTS.items() if k.startswith(pre)) for k in diff}
     assert parts == ({"projector"} if stage in ("pt", "dpt") else {"projector", "llm"})
     assert model.config.image_seq_length == 16  # 32px, patch 8, all patches kept
-    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
     assert all((r["L_vis"] > 0) == llava_kd.STAGES[stage]["teacher"] for r in log)
 
 
 def test_ablation_flags_turn_terms_off(toy, ckpts, tmp_path):
-    extra = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--max_steps", "1",
-             "--beta", "0", "--gamma", "0"]
+    extra = [
+        "--init",
+        str(ckpts / "student"),
+        "--teacher",
+        str(ckpts / "teacher"),
+        "--max_steps",
+        "1",
+        "--beta",
+        "0",
+        "--gamma",
+        "0",
+    ]
     llava_kd.main(args(toy, "dft", tmp_path, *extra))
-    (rec,) = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert rec["L_res"] > 0 and rec["L_vis"] == 0 and rec["L_rel"] == 0
     assert rec["loss"] == pytest.approx(rec["L_reg"] + rec["L_res"])
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy, ckpts, tmp_path):
-    extra = ["--init", str(ckpts / "student"), "--lr", "1e30", "--save_every", "1", "--max_steps", "8"]
+    extra = [
+        "--init",
+        str(ckpts / "student"),
+        "--lr",
+        "1e30",
+        "--save_every",
+        "1",
+        "--max_steps",
+        "8",
+    ]
     with pytest.raises(SystemExit, match=r"at step (\d+); stopped without saving") as e:
         llava_kd.main(args(toy, "sft", tmp_path, *extra))
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
@@ -265,26 +434,37 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(toy, ckpts, t
 def test_bad_flags_are_refused_with_the_flag_named(toy, ckpts, tmp_path):
     with pytest.raises(SystemExit, match="needs --teacher"):
         llava_kd.main(args(toy, "dpt", tmp_path, "--init", str(ckpts / "student")))
-    with pytest.raises(SystemExit, match="--global_batch_size 16 must be a multiple of --batch_size 5"):
-        llava_kd.main(args(toy, "pt", tmp_path, "--init", str(ckpts / "student"), "--batch_size", "5"))
+    with pytest.raises(
+        SystemExit, match="--global_batch_size 16 must be a multiple of --batch_size 5"
+    ):
+        llava_kd.main(
+            args(toy, "pt", tmp_path, "--init", str(ckpts / "student"), "--batch_size", "5")
+        )
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
         llava_kd.main(args(toy, "pt", tmp_path / "new", "--resume"))
 
 
 def test_next_token_loss_equals_the_models_own_loss(toy, ckpts):
-    import data
     model, proc = llava_kd.load_llava(ckpts / "student")
-    ds = data.LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=256)
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=256
+    )
     b = data.collate([ds[i] for i in range(4)], proc.tokenizer.pad_token_id)
-    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                labels=b["labels"])
+    out = model(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        pixel_values=b["pixel_values"],
+        labels=b["labels"],
+    )
     torch.testing.assert_close(llava_kd.next_token_loss(out.logits, b["labels"]), out.loss)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dft"])
 def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpts, tmp_path, stage):
-    """--fsdp on 2 processes x 4 x 2 ends with the weights of 1 process x 8 x 2 after 2 steps (as DDP does: the test
-    above), its checkpoint (gathered on rank 0) loading in stock transformers; stopped at step 1 and resumed under
+    """--fsdp on 2 processes x 4 x 2 ends with the weights of 1 process x 8 x 2 after 2 steps (as
+    DDP does: the test
+    above), its checkpoint (gathered on rank 0) loading in stock transformers; stopped at step 1 and
+    resumed under
     --fsdp, it ends as the uninterrupted --fsdp run does."""
     common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1"]
     if stage == "dft":
@@ -294,17 +474,29 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
         argv = args(toy, stage, tmp_path / out, *common, *x)
         argv[argv.index("--batch_size") + 1] = "4"
         return argv
+
     runs = [processes(*two("fsdp", "--max_steps", "2", "--fsdp"))]
     if stage == "dft":
         runs.append(processes(*two("parts", "--max_steps", "1", "--fsdp")))
-    llava_kd.main(args(toy, stage, tmp_path / "one", *common, "--max_steps", "2"))  # while those run
+    llava_kd.main(
+        args(toy, stage, tmp_path / "one", *common, "--max_steps", "2")
+    )  # while those run
     finish(*runs)
-    one, start, fsdp = weights(tmp_path / "one"), weights(ckpts / "student"), weights(tmp_path / "fsdp")
+    one, start, fsdp = (
+        weights(tmp_path / "one"),
+        weights(ckpts / "student"),
+        weights(tmp_path / "fsdp"),
+    )
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4
     for k in one:  # reduction order only (see the test above): a sharding bug moves weights by ~lr
         torch.testing.assert_close(fsdp[k], one[k], rtol=0, atol=1e-5, msg=k)
-    held = [json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"] for d in ("one", "fsdp")]
-    assert 0.45 < held[1] / held[0] < 0.55  # each of the 2 processes holds half the weights, gradients, AdamW state
+    held = [
+        json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"]
+        for d in ("one", "fsdp")
+    ]
+    assert (
+        0.45 < held[1] / held[0] < 0.55
+    )  # each of the 2 processes holds half the weights, gradients, AdamW state
     if stage == "dft":
         finish(processes(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
         parts = weights(tmp_path / "parts")
@@ -313,13 +505,24 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
 
 
 def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts, tmp_path):
-    """Two torchrun launches, --nnodes 2, one process each, meeting on localhost: torchrun's own rendezvous."""
+    """Two torchrun launches, --nnodes 2, one process each, meeting on localhost: torchrun's own
+    rendezvous."""
     common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--max_steps", "1"]
     port = str(29500 + os.getpid() % 1000)
-    node = lambda r: ["--nnodes=2", f"--node_rank={r}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+
+    def node(r):
+        return [
+            "--nnodes=2",
+            f"--node_rank={r}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+        ]
+
     argv = args(toy, "sft", tmp_path / "two", *common)  # 2 nodes x 1 process x 8 x 1 micro-step
     nodes = [torchrun(*argv, nproc=1, extra=node(r)) for r in (0, 1)]
-    llava_kd.main(args(toy, "sft", tmp_path / "one", *common))  # 1 process x 8 x 2, while the nodes run
+    llava_kd.main(
+        args(toy, "sft", tmp_path / "one", *common)
+    )  # 1 process x 8 x 2, while the nodes run
     finish(*nodes)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert changed(one, weights(ckpts / "student"))
