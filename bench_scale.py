@@ -1,10 +1,8 @@
 """Peak memory and seconds a step of each stage at the paper's widths, through `llava_kd.py train`.
 
     python bench_scale.py [--layers 2] [--batch 2] [--steps 1] [--stages sft dpt dft] [--dir DIR]
-    python bench_scale.py --stages dft --nproc 2 [--fsdp]      # DDP or FSDP2 over 2 processes
-    (torchrun)
-    python bench_scale.py --student 1.8b ...                   # LLaVA-KD-2B's student, Qwen1.5-1.8B
-    (untied head)
+    python bench_scale.py --stages dft --nproc 2 [--fsdp]  # DDP or FSDP2, 2 processes (torchrun)
+    python bench_scale.py --student 1.8b ...  # LLaVA-KD-2B's student: Qwen1.5-1.8B, untied head
 
 Models are built from configs with the real widths and vocabulary (nothing downloaded; random
 weights, depth cut to --layers): vision SigLIP-so400m-patch14-384 (1152 wide, 384px, 729 visual

@@ -1,38 +1,30 @@
 """TinyLLaVA_Factory checkpoint -> stock transformers LLaVA directory (LlavaForConditionalGeneration
 + LlavaProcessor).
 
-python convert_tinyllava.py SRC_DIR OUT_DIR [--image_processor DIR] [--template NAME]
+    python convert_tinyllava.py SRC_DIR OUT_DIR [--image_processor DIR] [--template NAME]
 
 The format, as TinyLLaVA_Factory (github.com/TinyLLaVA/TinyLLaVA_Factory) writes it:
 - tinyllava/model/modeling_tinyllava.py: a TinyLlavaForConditionalGeneration with three parts,
-`language_model`
-  (a causal LM), `vision_tower._vision_tower` (SiglipVisionModel / CLIPVisionModel),
-  `connector._connector`
-  (connector/mlp.py, "mlp2x_gelu": Linear, GELU, Linear). Saved whole (model.safetensors, possibly
-  sharded, or
-  pytorch_model.bin), or, after its pretrain stage, as language_model/, vision_tower/, connector/
-  folders each
-  holding its part's own state dict (load_model.py).
+  `language_model` (a causal LM), `vision_tower._vision_tower` (SiglipVisionModel /
+  CLIPVisionModel), `connector._connector` (connector/mlp.py, "mlp2x_gelu": Linear, GELU, Linear).
+  Saved whole (model.safetensors, possibly sharded, or pytorch_model.bin), or, after its pretrain
+  stage, as language_model/, vision_tower/, connector/ folders each holding its part's own state
+  dict (load_model.py).
 - vision_tower/base.py: features = hidden_states[vision_feature_layer] (-2), and "patch" drops the
-first token:
-  SigLIP's first patch (729 patches -> 728 tokens), CLIP's CLS (577 -> 576): transformers' "default"
-  strategy.
+  first token: SigLIP's first patch (729 patches -> 728 tokens), CLIP's CLS (577 -> 576):
+  transformers' "default" strategy.
 - The tower's own image processor (siglip.py, clip.py): SigLIP resizes to a square and never crops;
-CLIP resizes the
-  shortest edge and centre-crops. PIL resizes (transformers 5 prefers torchvision when installed:
-  load the converted
-  processor with AutoProcessor.from_pretrained(OUT, backend="pil") for TinyLLaVA's exact pixels
-  there).
+  CLIP resizes the shortest edge and centre-crops. PIL resizes (transformers 5 prefers torchvision
+  when installed: load the converted processor with AutoProcessor.from_pretrained(OUT,
+  backend="pil") for TinyLLaVA's exact pixels there).
 - config.json (configuration_tinyllava.py): image_token_index -200 is a placeholder spliced in by
   tokenizer_image_token, never a vocabulary id; image_aspect_ratio "pad" pads to a square in the
-  processor's
-  mean colour before resizing (data/image_preprocess.py expand2square). It does not say which
-  template trained it.
+  processor's mean colour before resizing (data/image_preprocess.py expand2square). It does not say
+  which template trained it.
 - data/template/*.py: "pretrain" is "<image>{caption}\n"; the others a fixed system sentence, then
-per turn
-  "USER: <image>\n{question} ASSISTANT: {answer}{end}", end <|endoftext|> (phi, qwen2_base),
-  <|im_end|>
-  (qwen2_instruct), </s> (llama) or <eos> (gemma); a generation prompt ends on "ASSISTANT:".
+  per turn "USER: <image>\n{question} ASSISTANT: {answer}{end}", end <|endoftext|> (phi,
+  qwen2_base), <|im_end|> (qwen2_instruct), </s> (llama) or <eos> (gemma); a generation prompt
+  ends on "ASSISTANT:".
 Refused, in one line: Phi-2 (its head has a bias), other connectors, towers and select strategies,
 anyres images.
 """

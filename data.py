@@ -221,10 +221,8 @@ def make_processor(image_processor, tokenizer, config, extra_tokens):
 class LlavaDataset(torch.utils.data.Dataset):
     """chat=False: the pretraining template  <image tokens> caption <eos>, labels on caption + eos.
     chat=True: the saved processor's chat template, labels on every assistant turn and its
-    end-of-turn token.
-    samples: read_samples(json_path, image_folder) when already read (train checks the data before
-    loading
-    any weights); otherwise the file is read and checked here."""
+    end-of-turn token. samples: read_samples(json_path, image_folder) when already read (train
+    checks the data before loading any weights); otherwise the file is read and checked here."""
 
     def __init__(self, json_path, image_folder, processor, chat, max_length, samples=None):
         self.json_path, self.image_folder, self.chat, self.max_length = (

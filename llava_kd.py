@@ -15,6 +15,7 @@ templates are in data.py; flags, checkpoints and errors in runtime.py; the toy i
 
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -288,7 +289,7 @@ def load_vision(path):
         raise data.UserError(
             f"--vision {path}: a SigLIP, CLIP or LLaVA checkpoint is needed, not {cfg.model_type}"
         )
-    tower = runtime.loaded(towers[cfg.model_type], path)
+    tower = runtime.loaded(towers[cfg.model_type], path, dtype=torch.float32)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     # CLIP has a CLS token, which LLaVA-1.5 drops ("default"). SigLIP has none: "full" keeps all
     # 27 x 27 = 729 patch tokens at 384 px (the public code drops one).
@@ -298,9 +299,9 @@ def load_vision(path):
 
 
 def build_student(vision_path, llm_path):
-    """A new LLaVA from a pretrained vision tower and causal LM, with a new projector."""
+    """A new LLaVA from a pretrained vision tower and causal LM, with a new projector; float32."""
     tower, image_processor, layer, strategy, extra = load_vision(vision_path)
-    llm = runtime.loaded(transformers.AutoModelForCausalLM, llm_path)
+    llm = runtime.loaded(transformers.AutoModelForCausalLM, llm_path, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(llm_path)
     if "<image>" not in tok.get_vocab():
         tok.add_tokens(["<image>"], special_tokens=True)
@@ -426,13 +427,15 @@ def apply_stage(model, stage):
 class Student(torch.nn.Module):
     """What DDP or FSDP wraps: the student from Z_v (computed once, shared with the teacher) to its
     loss, so that every parameter the loss reaches (the head too: fused_loss applies it) is in it.
-    """
+    m_t, the teacher's fixed W_t^T W_t, is held here, not passed to forward: FSDP2's mixed precision
+    casts every floating input of forward to bf16."""
 
-    def __init__(self, llava):
+    def __init__(self, llava, m_t=None):
         super().__init__()
         self.llava = llava
+        self.m_t = m_t
 
-    def forward(self, input_ids, attention_mask, z_v, labels, h_t, w_t, m_t, weights, counts):
+    def forward(self, input_ids, attention_mask, z_v, labels, h_t, w_t, weights, counts):
         h_s = llava_hidden(self.llava, input_ids, attention_mask, z_v)
         visual_mask = input_ids == self.llava.config.image_token_id
         alpha, beta, gamma, delta = weights
@@ -449,7 +452,7 @@ class Student(torch.nn.Module):
             gamma,
             delta=delta,
             attention_mask=attention_mask,
-            m_t=m_t,
+            m_t=self.m_t,
             counts=counts,
         )
 
@@ -465,7 +468,7 @@ def teacher_gram(teacher, model):
 TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
 
 
-def stage_loss(student, model, teacher, b, weights, counts, m_t=None):
+def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4):
     """One micro-batch's loss: L_reg in pt and sft; with a teacher (dpt, dft) L_reg + alpha L_res +
     beta L_vis + gamma L_rel (+ delta L_pro). `student` runs the student (Student, or DDP around
     it), `model` is its LLaVA. The teacher gives its last hidden states and head; fused_loss does
@@ -479,11 +482,11 @@ def stage_loss(student, model, teacher, b, weights, counts, m_t=None):
             h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v)
             w_t = teacher.lm_head.weight
     ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
-    loss, terms = student(ids, mask, z_v, labels, h_t, w_t, m_t, weights, counts)
+    loss, terms = student(ids, mask, z_v, labels, h_t, w_t, weights, counts)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def shard(student, model, cuda):
+def shard(student, model, bf16):
     """FSDP2 instead of DDP: parameters, gradients and AdamW state split over the processes. Each
     decoder layer is a group; the root group (embeddings, final norm, head, projector) is whole
     through the root's forward, where fused_loss reads the head. The frozen vision tower, shared
@@ -491,7 +494,8 @@ def shard(student, model, cuda):
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else MixedPrecisionPolicy()
+    # bf16 (on CUDA): parameters gathered in bf16, gradients reduced in float32
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, mp_policy=policy)
     tower = set(model.model.vision_tower.parameters())
@@ -546,13 +550,15 @@ def setup(a, device, cuda, world):
     ckpt = os.path.join(a.out, "checkpoint")
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     torch.manual_seed(a.seed)  # the same new projector on every process
+    # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
+    # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
     if a.resume or a.init:
-        model, processor = load_llava(ckpt if a.resume else a.init)
+        model, processor = load_llava(ckpt if a.resume else a.init, torch.float32)
     else:
         model, processor = build_student(a.vision, a.llm)
     teacher = None
     if stage["teacher"]:
-        dtype = torch.bfloat16 if cuda else None
+        dtype = torch.bfloat16 if cuda else torch.float32
         new = not (a.resume or a.init)
         teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new).to(device)
         model.model.vision_tower.float()  # the shared tower in the student's dtype, saved with it
@@ -573,7 +579,10 @@ def train(a):
     if cuda:
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # rank 0 may write a checkpoint for many minutes (a 4B model: ~47 GB) while the others wait
+        # at a barrier: longer than NCCL's default 10 minutes
+        timeout = datetime.timedelta(hours=2)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
     master = rank == 0
@@ -584,26 +593,32 @@ def train(a):
     apply_stage(model, a.stage)
     model.to(device)
     model.config.use_cache = False
+    # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
+    # mode); the vision tower, frozen and shared with the teacher, stays in eval mode as the teacher
+    model.train()
+    model.model.vision_tower.eval()
     if a.grad_checkpointing:  # transformers 5.x: activation_checkpointing_enable, the new name
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
+    m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     if a.fsdp:
-        student = shard(Student(model), model, cuda)
+        student = shard(Student(model, m_t), model, bf16=cuda)
     elif ddp:
         # text-only micro-batches leave the projector unused: DDP must then look for unused
         # parameters; the gradients live in DDP's buckets (no second copy)
         student = DDP(
-            Student(model),
+            Student(model, m_t),
             device_ids=[device.index] if cuda else None,
             find_unused_parameters=stage["chat"],
             gradient_as_bucket_view=True,
         )
     else:
-        student = Student(model)
+        student = Student(model, m_t)
     params = [p for p in model.parameters() if p.requires_grad]
     table = TABLE_A9[a.stage]
     lr = a.lr or table["lr"]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"])
+    # fused on CUDA: one kernel, without the foreach step's full-size temporaries
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=cuda)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     accum = global_batch // (a.batch_size * world)  # micro-steps an optimizer step, each process
@@ -621,7 +636,6 @@ def train(a):
         runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp)
         step = state["step"]
     weights = (a.alpha, a.beta, a.gamma, a.delta)
-    m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     collate = functools.partial(data.collate, pad_token_id=processor.tokenizer.pad_token_id)
 
     def micro_batches(step):
@@ -666,7 +680,7 @@ def train(a):
             no_sync = ddp and not a.fsdp and not last
             sync = student.no_sync() if no_sync else contextlib.nullcontext()
             with sync, autocast:
-                loss, terms = stage_loss(student, model, teacher, b, weights, counts, m_t)
+                loss, terms = stage_loss(student, model, teacher, b, weights, counts)
             loss.backward()
             zero = torch.zeros((), device=device)
             values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
@@ -685,7 +699,9 @@ def train(a):
             grad_norm = grad_norm.full_tensor()
         opt.step()
         held = runtime.trained_bytes(params, opt)
-        opt.zero_grad(set_to_none=True)
+        # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the
+        # next no_sync micro-step would make fresh ones beside the buckets: a second copy)
+        opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
         save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
         if save:  # under FSDP every process takes part in gathering the full state
             weights_and_opt = (
@@ -701,6 +717,7 @@ def train(a):
                 seconds=seconds,
                 tokens_per_s=tokens / seconds,
                 peak_gib=runtime.peak_bytes(device) / 2**30,
+                peak_reserved_gib=runtime.peak_reserved_bytes(device) / 2**30,
                 trained_gib=held / 2**30,
             )
             log.write(json.dumps(rec) + "\n")

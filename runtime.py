@@ -214,7 +214,9 @@ def read_train_state(path):
     """The step, counts, AdamW state and flags of a checkpoint, as tensors and plain values only: a
     pickled object in a file someone shared could run code here, so weights_only refuses it."""
     try:
-        return torch.load(path, weights_only=True)
+        # to the CPU: saved from cuda:0, it would land on cuda:0 on every rank; the optimizer's
+        # load_state_dict moves each tensor beside its parameter
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise data.UserError(
             f"--resume: {path} holds more than tensors and plain values, so it is not loaded "
@@ -255,7 +257,8 @@ def publish(out):
 
 
 def full_state(student, opt):
-    """FSDP: the whole model's and optimizer's state dicts, gathered (every process takes part)."""
+    """FSDP: the whole model's and optimizer's state dicts, gathered (every process takes part). A
+    head tied to the embeddings is saved once, as save_pretrained saves it unsharded."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -265,6 +268,9 @@ def full_state(student, opt):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(student, options=full)
     weights = {k.removeprefix("llava."): v for k, v in model_state.items()}
+    llava = student.llava
+    if llava.lm_head.weight is llava.get_input_embeddings().weight:
+        weights.pop("lm_head.weight", None)  # rank 0 holds the gathered state, the others none
     return weights, get_optimizer_state_dict(student, opt, options=full)
 
 
@@ -309,6 +315,14 @@ def trained_bytes(params, opt):
 
 
 def peak_bytes(device):
+    """The peak of memory allocated (CUDA) or of the process's resident memory (CPU)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_reserved_bytes(device):
+    """CUDA: the peak the caching allocator held (what the device must have); CPU: as peak_bytes."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    return peak_bytes(device)

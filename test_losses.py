@@ -177,8 +177,8 @@ def test_prompt_term_alone():
 @pytest.mark.parametrize("teacher", [True, False])
 def test_micro_batches_with_counts_add_up_to_one_batch(teacher):
     """Two micro-batches of different answer and visual counts, each divided by the whole batch's
-    counts: the sum
-    of their losses and gradients is the one batch's (per-micro-batch means would differ)."""
+    counts: the sum of their losses and gradients is the one batch's (per-micro-batch means would
+    differ)."""
     h_s, w_s, h_t, w_t, labels, visual, attention = batch(B=4)
     kd = (h_t, w_t) if teacher else (None, None)
     whole, _ = fused_loss(h_s, w_s, labels, visual, *kd, delta=0.3, attention_mask=attention)

@@ -12,6 +12,7 @@ import tempfile
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 import data
 import llava_kd
@@ -88,9 +89,8 @@ def torchrun(*argv, nproc=2, extra=()):
 
 def processes(*argv, nproc=2):
     """nproc processes of `llava_kd.py argv` with the variables torchrun gives its workers, without
-    torchrun's own
-    process: its start-up is all it would add here (train.sh, the two-node test and test_errors.py
-    run torchrun)."""
+    torchrun's own process: its start-up is all it would add here (train.sh, the two-node test and
+    test_errors.py run torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -237,15 +237,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     ]
     for i in (0, 4):
         mb = data.collate(rows[i : i + 4], proc.tokenizer.pad_token_id)
-        loss, _ = llava_kd.stage_loss(
-            llava_kd.Student(model),
-            model,
-            teacher,
-            mb,
-            (1.0, 1.0, 0.5, 0.3),
-            counts,
-            llava_kd.teacher_gram(teacher, model),
-        )
+        student = llava_kd.Student(model, llava_kd.teacher_gram(teacher, model))
+        loss, _ = llava_kd.stage_loss(student, model, teacher, mb, (1.0, 1.0, 0.5, 0.3), counts)
         loss.backward()
     got = dict(model.named_parameters())
     for n in names:
@@ -353,7 +346,28 @@ def test_resume_across_an_epoch_boundary_and_refusals(toy, ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--grad_checkpointing"], ["--workers", "2"]])
-def test_grad_checkpointing_and_loader_workers_do_not_change_a_step(toy, ckpts, tmp_path, flag):
+def test_grad_checkpointing_and_loader_workers_do_not_change_a_step(
+    toy, ckpts, tmp_path, flag, monkeypatch
+):
+    """The same weights with either flag. --grad_checkpointing checkpoints: the student's decoder
+    layers run again in backward, in train mode, while the teacher and the shared tower stay in
+    eval mode (from_pretrained gives eval mode, where transformers never checkpoints)."""
+    layer_calls, modes = [], []  # a decoder layer's MLP (its forward is checkpointing's wrapper)
+    qwen2 = transformers.models.qwen2.modeling_qwen2
+    mlp_forward = qwen2.Qwen2MLP.forward
+    stage_loss = llava_kd.stage_loss
+
+    def counted(self, *args, **kwargs):
+        layer_calls.append(self)
+        return mlp_forward(self, *args, **kwargs)
+
+    def recorded(student, model, teacher, *args, **kwargs):
+        tower = model.model.vision_tower
+        modes.append((model.training, tower.training, teacher.training))
+        return stage_loss(student, model, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(qwen2.Qwen2MLP, "forward", counted)
+    monkeypatch.setattr(llava_kd, "stage_loss", recorded)
     common = [
         "--init",
         str(ckpts / "student"),
@@ -365,10 +379,15 @@ def test_grad_checkpointing_and_loader_workers_do_not_change_a_step(toy, ckpts, 
         "2",
     ]
     llava_kd.main(args(toy, "dft", tmp_path / "plain", *common))
+    plain_calls = len(layer_calls)
     argv = args(toy, "dft", tmp_path / "flag", *common, *flag)
     if flag[0] == "--workers":
         del argv[argv.index("--workers") : argv.index("--workers") + 2]  # only the flag's own value
     llava_kd.main(argv)
+    assert modes and all(m == (True, False, False) for m in modes)  # student, tower, teacher
+    student_layers = transformers.AutoConfig.from_pretrained(ckpts / "student").text_config
+    recomputed = (len(layer_calls) - 2 * plain_calls) / student_layers.num_hidden_layers
+    assert recomputed == (len(modes) / 2 if flag[0] == "--grad_checkpointing" else 0)
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "flag")
     assert changed(a, weights(ckpts / "student"))
     for k in a:
@@ -462,10 +481,8 @@ def test_next_token_loss_equals_the_models_own_loss(toy, ckpts):
 @pytest.mark.parametrize("stage", ["sft", "dft"])
 def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpts, tmp_path, stage):
     """--fsdp on 2 processes x 4 x 2 ends with the weights of 1 process x 8 x 2 after 2 steps (as
-    DDP does: the test
-    above), its checkpoint (gathered on rank 0) loading in stock transformers; stopped at step 1 and
-    resumed under
-    --fsdp, it ends as the uninterrupted --fsdp run does."""
+    DDP does: the test above), its checkpoint (gathered on rank 0) loading in stock transformers;
+    stopped at step 1 and resumed under --fsdp, it ends as the uninterrupted --fsdp run does."""
     common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1"]
     if stage == "dft":
         common += ["--teacher", str(ckpts / "teacher")]
@@ -490,6 +507,8 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4
     for k in one:  # reduction order only (see the test above): a sharding bug moves weights by ~lr
         torch.testing.assert_close(fsdp[k], one[k], rtol=0, atol=1e-5, msg=k)
+    stored = [safe_open(tmp_path / d / "model.safetensors", "pt").keys() for d in ("one", "fsdp")]
+    assert sorted(stored[1]) == sorted(stored[0])  # the same tensors: a tied head saved once
     held = [
         json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"]
         for d in ("one", "fsdp")
@@ -528,3 +547,54 @@ def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts
     assert changed(one, weights(ckpts / "student"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_bf16_init_trains_float32_master_weights(toy, ckpts, tmp_path):
+    """--init from a bf16 checkpoint (llava-hf publishes them so): AdamW updates float32 master
+    weights and the output saves them in float32. In bf16 a first step at lr 1e-5 (|update| ~ lr)
+    rounds away on most weights."""
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "student")
+    processor = transformers.AutoProcessor.from_pretrained(ckpts / "student")
+    runtime.save_checkpoint_files(model.to(torch.bfloat16), processor, tmp_path / "bf16")
+    init = ["--init", str(tmp_path / "bf16"), "--lr", "1e-5", "--max_steps", "1"]
+    llava_kd.main(args(toy, "sft", tmp_path / "out", *init))
+    start, end = weights(tmp_path / "bf16"), weights(tmp_path / "out")
+    llm = [k for k in end if k.startswith("model.language_model.layers.")]
+    assert all(start[k].dtype == torch.bfloat16 and end[k].dtype == torch.float32 for k in llm)
+    moved = torch.cat([(end[k] != start[k].float()).flatten() for k in llm]).float().mean()
+    assert moved > 0.9
+
+
+def test_fsdp_mixed_precision_leaves_m_t_in_float32(toy, ckpts, monkeypatch):
+    """FSDP2's bf16 policy (as on CUDA) casts every floating input of the student's forward to
+    bf16. The teacher's W^T W is held by the Student, so the loss still gets it in float32."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+        teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
+        teacher.eval().requires_grad_(False)
+        llava_kd.apply_stage(model, "dft")
+        m_t = llava_kd.teacher_gram(teacher, model)
+        seen = []
+        fused_loss = llava_kd.fused_loss
+
+        def recording(*args, **kwargs):
+            seen.append(kwargs["m_t"].dtype)
+            return fused_loss(*args, **kwargs)
+
+        monkeypatch.setattr(llava_kd, "fused_loss", recording)
+        student = llava_kd.shard(llava_kd.Student(model, m_t), model, bf16=True)
+        ds = data.LlavaDataset(
+            f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
+        )
+        b = data.collate([ds[i] for i in range(2)], processor.tokenizer.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            llava_kd.stage_loss(student, model, teacher, b)
+        assert seen == [torch.float32]
+    finally:
+        dist.destroy_process_group()

@@ -4,10 +4,8 @@ path of llava_kd.py runs on a laptop CPU; its eval and its table. Not part of th
     python toy.py setup --out runs/toy/setup           # tiny checkpoints + data
     python toy.py eval --model DIR [DIR ...] --data JSON --images DIR [--results F --row NAME ...]
     python toy.py table --results F --out table.md
-    python toy.py probe --model DIR [DIR ...] --data JSON --images DIR   # what distillation could
-    pass on
-    python toy.py draws --results RUN/results.jsonl [...]   # several runs (e.g. TOY_SEED draws)
-    side by side
+    python toy.py probe --model DIR [DIR ...] --data JSON --images DIR  # what KD could pass on
+    python toy.py draws --results RUN/results.jsonl [...]  # TOY_SEED draws side by side
 """
 
 import argparse
