@@ -1,6 +1,7 @@
 import os
 import signal
 import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
 os.environ.setdefault(
@@ -40,6 +41,7 @@ def recipe(request, tmp_path_factory):
         TOY_QUICK="1",
         NGPU="1",
         TOY_SEED="1",
+        PYTHON=sys.executable,  # train.sh runs the Python that runs the tests
     )
     with open(out / "output.txt", "w") as f:
         proc = subprocess.Popen(

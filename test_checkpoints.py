@@ -5,6 +5,7 @@ LLM, LLaVA-1.5."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -289,6 +290,7 @@ def test_existing_small_llava_gets_dft_only_through_train_sh(toy, real, tmp_path
         NGPU="1",
         BATCH="2",
         EXTRA="--global_batch_size 4 --max_steps 2 --max_length 400 --workers 0",
+        PYTHON=sys.executable,  # train.sh runs the Python that runs the tests
     )
     out = subprocess.run(
         ["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -389,3 +391,18 @@ def test_a_template_with_no_end_of_answer_token_is_refused_for_the_chat_stages(r
         ValueError, match="llava-1.5-hf: its chat template ends an assistant turn without a special"
     ):
         data.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf", end_is_eos=True)
+
+
+def test_vision_features_give_the_stock_forward_for_a_clip_default_tower(real):
+    """LLaVA-1.5's CLIP tower with the "default" strategy (its CLS token dropped): the forward from
+    vision_features gives the stock model's logits, pixel_values in."""
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(real["llava-1.5"])
+    proc = transformers.AutoProcessor.from_pretrained(real["llava-1.5"])
+    n = data.image_seq_length(proc)
+    ids = torch.tensor([[1] + [model.config.image_token_id] * n + [5, 6, 7]])
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ours = llava_kd.llava_logits(model, ids, mask, llava_kd.vision_features(model, pixels))
+        stock = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(ours, stock)

@@ -598,3 +598,86 @@ def test_fsdp_mixed_precision_leaves_m_t_in_float32(toy, ckpts, monkeypatch):
         assert seen == [torch.float32]
     finally:
         dist.destroy_process_group()
+
+
+def test_table_a9_is_what_the_loop_uses(toy, ckpts, tmp_path, monkeypatch):
+    """Table A9 written out: lr 1e-3 (pt, dpt) and 2e-5 (sft, dft), global batch 256 and 128, one
+    epoch, 3% warm-up, no weight decay, gradients clipped at norm 1. A run without --lr logs Table
+    A9's lr (the toy's 6 steps warm up in 1), and AdamW gets weight decay 0."""
+    paper = {"pt": (1e-3, 256), "dpt": (1e-3, 256), "sft": (2e-5, 128), "dft": (2e-5, 128)}
+    for stage, (lr, batch) in paper.items():
+        row = dict(lr=lr, global_batch=batch, epochs=1, warmup_ratio=0.03, weight_decay=0, clip=1)
+        assert llava_kd.TABLE_A9[stage] == row
+    made = []
+    adamw = torch.optim.AdamW
+
+    def recorded(params, **kwargs):
+        made.append(kwargs)
+        return adamw(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recorded)
+    llava_kd.main(args(toy, "sft", tmp_path, "--init", str(ckpts / "student"), "--max_steps", "1"))
+    assert [(m["lr"], m["weight_decay"]) for m in made] == [(2e-5, 0)]
+    (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert rec["lr"] == 2e-5
+
+
+def test_the_teacher_runs_without_autograd(toy, ckpts, tmp_path, monkeypatch):
+    """The teacher's forward records no graph (torch.no_grad); the student's does."""
+    calls = []
+    llava_hidden = llava_kd.llava_hidden
+
+    def recorded(model, *args, **kwargs):
+        calls.append((model.training, torch.is_grad_enabled()))
+        return llava_hidden(model, *args, **kwargs)
+
+    monkeypatch.setattr(llava_kd, "llava_hidden", recorded)
+    extra = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher")]
+    llava_kd.main(args(toy, "dft", tmp_path, *extra, "--max_steps", "1"))
+    # the teacher in eval mode, the student in train mode: one call each a micro-step
+    assert sorted(set(calls)) == [(False, False), (True, True)]
+
+
+def test_a_crash_while_saving_keeps_the_last_checkpoint(toy, ckpts, tmp_path, monkeypatch):
+    """A save that fails half-way (here: train_state.pt, after the weights were written) leaves the
+    previous checkpoint whole: its weights and its step."""
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1"]
+    llava_kd.main(args(toy, "sft", tmp_path / "one", *common, "--max_steps", "1"))
+    saves = []
+    save = torch.save
+
+    def failing(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError("No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError):
+        llava_kd.main(args(toy, "sft", tmp_path / "crash", *common, "--max_steps", "2"))
+    kept, want = (
+        weights(tmp_path / "crash" / "checkpoint"),
+        weights(tmp_path / "one" / "checkpoint"),
+    )
+    for k in want:
+        torch.testing.assert_close(kept[k], want[k], rtol=0, atol=0, msg=k)
+    state = torch.load(tmp_path / "crash" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 1
+
+
+def test_a_chat_stage_on_two_processes_with_text_only_micro_batches(toy, ckpts, tmp_path):
+    """sft on 2 processes x 4 x 2 where every micro-batch is text-only: the projector gets no
+    gradient on any process (DDP must be told to look for unused parameters)."""
+    rows = json.load(open(f"{toy}/data/sft.json"))[:32]
+    for row in rows:
+        row.pop("image", None)
+        for turn in row["conversations"]:
+            turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    (tmp_path / "text.json").write_text(json.dumps(rows))
+    argv = args(toy, "sft", tmp_path / "two", "--init", str(ckpts / "student"), "--max_steps", "2")
+    argv[argv.index("--data") + 1] = str(tmp_path / "text.json")
+    argv[argv.index("--batch_size") + 1] = "4"
+    finish(processes(*argv))
+    start, end = weights(ckpts / "student"), weights(tmp_path / "two")
+    llm = [k for k in end if k.startswith("model.language_model.layers.")]
+    assert changed({k: end[k] for k in llm}, {k: start[k] for k in llm})

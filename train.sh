@@ -24,15 +24,16 @@
 #   TOY_SEED      toy recipe only: the seed of the toy setup, shared by every student seed (data, tower, LLMs; default 0)
 set -euo pipefail
 cd "$(dirname "$0")"
-NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+PYTHON=${PYTHON:-python}  # the Python to run (the tests give theirs)
+NGPU=${NGPU:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 if [ "${NNODES:-1}" -gt 1 ]; then  # torchrun's own rendezvous: node 0 listens on MASTER_ADDR:MASTER_PORT
   NODES="--nnodes=$NNODES --node_rank=${NODE_RANK:?set NODE_RANK} --master_addr=${MASTER_ADDR:?set MASTER_ADDR} --master_port=${MASTER_PORT:-29500}"
 else
   NODES="--standalone"
 fi
-RUN="torchrun $NODES --nproc_per_node=$NGPU llava_kd.py train $([ "${FSDP:-0}" = 1 ] && echo --fsdp || true)"
+RUN="$PYTHON -m torch.distributed.run $NODES --nproc_per_node=$NGPU llava_kd.py train $([ "${FSDP:-0}" = 1 ] && echo --fsdp || true)"
 if [ "$NGPU" = 1 ] && [ "$NODES" = --standalone ] && [ "${FSDP:-0}" != 1 ]; then
-  RUN="python llava_kd.py train"  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
+  RUN="$PYTHON llava_kd.py train"  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
 fi
 EXTRA=${EXTRA:-}
 
@@ -75,10 +76,10 @@ TOY_STEPS=${TOY_STEPS:-}; STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}  # TOY_STEPS
 COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 16 --global_batch_size 32 $COMMON"
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
-EVAL="python toy.py eval --data $T/data/test.json --images $T/data/images"
+EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)
 rm -rf "$OUT"; mkdir -p "$OUT/logs"
-python toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
+$PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
 
 teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
   $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
@@ -102,7 +103,7 @@ dft_after_sft() {  # DFT on the baseline's PT -> SFT student
 }
 evaluate() {  # the question-only prior and the teacher, or one seed's five students
   if [ "$1" = teacher ]; then
-    python toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
+    $PYTHON toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
     $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
   else
     local S=$OUT/seed$1
@@ -138,4 +139,4 @@ parallel "${chains[@]}"
 chains=("evaluate teacher"); for s in $SEEDS; do chains+=("evaluate $s"); done
 parallel "${chains[@]}"
 cat $OUT/teacher-results.jsonl $(for s in $SEEDS; do echo $OUT/seed$s/results.jsonl; done) > $OUT/results.jsonl
-python toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
+$PYTHON toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))
