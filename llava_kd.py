@@ -617,8 +617,10 @@ def train(a):
     params = [p for p in model.parameters() if p.requires_grad]
     table = TABLE_A9[a.stage]
     lr = a.lr or table["lr"]
-    # fused on CUDA: one kernel, without the foreach step's full-size temporaries
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=cuda)
+    # fused on CUDA: one kernel, without the foreach step's full-size temporaries (not under FSDP:
+    # its sharded parameters are DTensors, and fused AdamW on them has not run here)
+    fused = cuda and not a.fsdp
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     accum = global_batch // (a.batch_size * world)  # micro-steps an optimizer step, each process
@@ -629,7 +631,7 @@ def train(a):
     step = 0
     if a.resume:
         if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
-            raise data.UserError(
+            raise runtime.agreed_error(  # every process read the same checkpoint
                 f"--resume: {ckpt} was written with another data size, --global_batch_size or "
                 f"--seed"
             )
