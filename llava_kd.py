@@ -34,10 +34,9 @@ import data
 import runtime
 
 # --------------------------------------------------------------------------------------------------
-# Losses (paper Sec. 3), plain tensors in: copy this section as it is.
-# logits [B, T, V]; labels [B, T], -100 except on answer tokens; visual_mask [B, T] bool, True on
-# image tokens. Math in float32 at least, the KL on the vocabulary both models have. A mean is a sum
-# divided once, by its own count or by the one given (num_rows, num_samples: of a global batch).
+# Losses (paper Sec. 3), plain tensors in: copy this section as is. logits [B, T, V]; labels [B, T],
+# -100 but on answer tokens; visual_mask [B, T], True on image tokens. Math in float32 at least, KL
+# on the shared vocabulary; a mean divides a sum once, by its count or the one given (global batch).
 
 
 def next_tokens(labels):
@@ -169,10 +168,9 @@ def fused_loss(
     teacher. m_t: W_t^T W_t on the shared vocabulary, fixed for a run (the loop passes it). block:
     logits in a block (110 rows at V = 151936, 67 MB in float32)."""
     teacher = h_t is not None
-    device = h_s.device
     # GEMMs in the dtype of the model's own head (bf16 under autocast), the rest in float32 at least
-    autocast = torch.is_autocast_enabled(device.type)
-    gemm_dtype = torch.get_autocast_dtype(device.type) if autocast else h_s.dtype
+    autocast = torch.is_autocast_enabled(h_s.device.type)
+    gemm_dtype = torch.get_autocast_dtype(h_s.device.type) if autocast else h_s.dtype
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
     if visual_mask is None:
         visual_mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -183,8 +181,8 @@ def fused_loss(
     given = [counts[0], counts[0], counts[1], counts[3], counts[2]]
     found = [m.sum() for m in rows_of] + [visual_mask.any(1).sum()]
     n = [float(c) if c is not None else max(int(f), 1) for c, f in zip(given, found)]
-    n = torch.tensor(n, dtype=torch.float64, device=device)
-    scale = torch.tensor(weights, dtype=torch.float64, device=device) / n
+    n = torch.tensor(n, dtype=torch.float64, device=h_s.device)
+    scale = torch.tensor(weights, dtype=torch.float64, device=h_s.device) / n
     in_term = torch.stack([m.flatten() & (w != 0) for m, w in zip(rows_of, weights)], 1)
     in_term = in_term.to(acc_dtype)
     rows = in_term.any(1).nonzero().flatten()  # the rows the blocks take
@@ -194,14 +192,14 @@ def fused_loss(
     h, w = h_s.detach().flatten(0, 1), w_s.detach()
     w_gemm = w.to(gemm_dtype)  # a copy only under autocast
     target = next_tokens(labels).flatten()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=device)
-    dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=device) if w_s.requires_grad else None
+    sums = torch.zeros(5, dtype=torch.float64, device=h_s.device)
+    dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=h_s.device)
+    dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=h_s.device) if w_s.requires_grad else None
     if teacher:
         h_t = h_t.detach().flatten(0, 1)
         w_t_gemm = w_t.detach().to(gemm_dtype)
         v = min(len(w_s), len(w_t))
-    with torch.autocast(device.type, enabled=False):  # the dtypes are set above
+    with torch.autocast(h_s.device.type, enabled=False):  # the dtypes are set above
         for idx in rows.tensor_split(max(1, math.ceil(len(rows) * len(w_s) / block))):
             h_block = h[idx].to(gemm_dtype)
             Y_s = (h_block @ w_gemm.T).requires_grad_()  # Y = h W^T, this block's rows only
@@ -265,7 +263,7 @@ class _GivenGradients(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------
-# The model: transformers' LlavaForConditionalGeneration, vision tower -> 2-layer GELU MLP projector
+# Model: transformers' LlavaForConditionalGeneration, vision tower -> 2-layer GELU MLP projector
 # -> LLM. Every checkpoint written here loads with stock from_pretrained; any HF LLaVA can teach.
 
 
