@@ -226,9 +226,9 @@ def main():
     for stage in a.stages:
         peak[stage], seconds, tps, trained = run(d, stage, a.batch, a.steps, a.nproc, a.fsdp)
         print(
-            f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   {tps:8.0f} tokens/s "
-            f"  "
-            f"trained parameters + gradients + AdamW state {trained:6.2f} GiB a process"
+            f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   "
+            f"{tps:8.0f} tokens/s   trained parameters + gradients + AdamW state "
+            f"{trained:6.2f} GiB a process"
         )
     if "sft" in peak and "dft" in peak:
         budget = peak["sft"] + (teacher_bytes + 0.25 * logits) / 2**30

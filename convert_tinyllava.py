@@ -41,8 +41,7 @@ import data
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, "
-    "detailed, and polite answers to the user's questions."
+    "helpful, detailed, and polite answers to the user's questions."
 )
 # data/template/*.py: the text that ends an answer, by template name. Each of these is SYSTEM, then
 # per turn "USER: {question} ASSISTANT: {answer}{end}"; "pretrain" is "<image>{caption}\n", no
@@ -64,8 +63,8 @@ def chat_template(name):
     if name == "pretrain":
         return (
             "{%- for m in messages -%}{%- if m['role'] == 'user' %}{{ '<image>' }}"
-            "{%- elif m['role'] == 'assistant' %}{{ m['content'] + '\\n' }}{% endif -%}{%- endfor "
-            "-%}"
+            "{%- elif m['role'] == 'assistant' %}{{ m['content'] + '\\n' }}{% endif -%}"
+            "{%- endfor -%}"
         )
     return (
         "{%- for m in messages -%}{%- if loop.first %}{{ '"
@@ -182,8 +181,8 @@ def image_processor(src, aspect, vision, path=None):
         )
     else:
         raise SystemExit(
-            f"{src}: no preprocessor_config.json; give the vision tower's with --image_processor "
-            f"DIR"
+            f"{src}: no preprocessor_config.json; give the vision tower's with "
+            f"--image_processor DIR"
         )
     if aspect not in ("square", "pad"):
         raise SystemExit(

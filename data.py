@@ -112,24 +112,39 @@ def _check(row, i, image_folder, moved):
 # template saved here takes both: one of these preludes rewrites the messages into the form the
 # template underneath reads.
 TYPED_AS_STRING = (  # image parts first, "<image>\n" each, then the text parts: LLaVA's own layout
-    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
-    "{%- set ns.m = ns.m + [m] -%}{%- else -%}{%- set c = namespace(s='') -%}"
-    "{%- for p in m['content'] if p['type'] == 'image' -%}{%- set c.s = c.s + '<image>\\n' -%}{%- "
-    "endfor -%}"
-    "{%- for p in m['content'] if p['type'] == 'text' -%}{%- set c.s = c.s + p['text'] -%}{%- "
-    "endfor -%}"
-    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.s}] -%}{%- endif -%}{%- endfor -%}"
+    "{%- set ns = namespace(m=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}"
+    "{%- set ns.m = ns.m + [m] -%}"
+    "{%- else -%}"
+    "{%- set c = namespace(s='') -%}"
+    "{%- for p in m['content'] if p['type'] == 'image' -%}"
+    "{%- set c.s = c.s + '<image>\\n' -%}"
+    "{%- endfor -%}"
+    "{%- for p in m['content'] if p['type'] == 'text' -%}"
+    "{%- set c.s = c.s + p['text'] -%}"
+    "{%- endfor -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.s}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
     "{%- set messages = ns.m -%}"
 )
-STRING_AS_TYPED = (
-    "{%- set ns = namespace(m=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
-    "{%- set c = namespace(p=[]) -%}{%- for i in range(m['content'].count('<image>')) -%}"
-    "{%- set c.p = c.p + [{'type': 'image'}] -%}{%- endfor -%}{%- set c.p = c.p + [{'type': "
-    "'text', "
+STRING_AS_TYPED = (  # one image part per "<image>", then the text without them
+    "{%- set ns = namespace(m=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}"
+    "{%- set c = namespace(p=[]) -%}"
+    "{%- for i in range(m['content'].count('<image>')) -%}"
+    "{%- set c.p = c.p + [{'type': 'image'}] -%}"
+    "{%- endfor -%}"
+    "{%- set c.p = c.p + [{'type': 'text', "
     "'text': m['content'].replace('<image>\\n', '').replace('<image>', '')}] -%}"
-    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.p}] -%}{%- else -%}{%- set ns.m = "
-    "ns.m + [m] -%}"
-    "{%- endif -%}{%- endfor -%}{%- set messages = ns.m -%}"
+    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.p}] -%}"
+    "{%- else -%}"
+    "{%- set ns.m = ns.m + [m] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.m -%}"
 )
 PROBE = {
     "string": [
@@ -179,16 +194,13 @@ def prepare_chat(processor, generation_config, where, end_is_eos=False):
     template = processor.chat_template or tok.chat_template
     if template is None:  # allowed for pt/dpt; LlavaDataset stops sft/dft on it
         return
-    processor.chat_template = tok.chat_template = template = chat_template_both_forms(
-        tok, template, where
-    )
+    template = chat_template_both_forms(tok, template, where)
+    processor.chat_template = tok.chat_template = template
     text = render(tok, template, PROBE["string"])
-    after = tok(text[text.rindex("ANSWER") + len("ANSWER") :], add_special_tokens=False)[
-        "input_ids"
-    ][:1]
-    special = set(tok.all_special_ids) | {
-        i for i, t in tok.added_tokens_decoder.items() if t.special
-    }
+    answer_end = text[text.rindex("ANSWER") + len("ANSWER") :]
+    after = tok(answer_end, add_special_tokens=False)["input_ids"][:1]  # the token ending a turn
+    added_special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    special = set(tok.all_special_ids) | added_special
     if not (after and after[0] in special):
         if end_is_eos:
             raise UserError(

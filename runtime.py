@@ -28,10 +28,11 @@ def agreed_error(message):
 def agreed(fn, *args):
     """fn(*args) on every process, with no collective inside. A UserError on any process stops them
     all together: each raises the first process's message, as an agreed error."""
+    result = message = None
     try:
-        result, message = fn(*args), None
+        result = fn(*args)
     except data.UserError as e:
-        result, message = None, str(e)
+        message = str(e)
     if not dist.is_initialized():
         if message is not None:
             raise agreed_error(message)
