@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,7 +131,49 @@ def setup(d, layers, n_samples, text_tokens, student="0.5b"):
     )
 
 
-def run(d, stage, batch, steps, nproc=1, fsdp=False):
+FULL_DEPTH = {"vision": 27, "teacher": 40, "0.5b": 24, "1.8b": 24}  # SigLIP, Qwen1.5-4B/0.5B/1.8B
+
+
+def meta_llava(llm):
+    """The paper's LLaVA at full depth on the meta device: shapes only."""
+    widths = TEACHER_LLM if llm == "teacher" else STUDENT_LLMS[llm]
+    text = transformers.Qwen2Config(vocab_size=V, num_hidden_layers=FULL_DEPTH[llm], **widths)
+    vision = transformers.SiglipVisionConfig(num_hidden_layers=FULL_DEPTH["vision"], **VISION)
+    cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, tie_word_embeddings=text.tie_word_embeddings
+    )
+    with torch.device("meta"):
+        return transformers.LlavaForConditionalGeneration(cfg)
+
+
+def plan_table(batch, max_length, world):
+    """The memory plan of every stage of the real recipe on `world` GPUs (bf16): a README table."""
+    runs = [
+        ("teacher PT", "teacher", "pt"),
+        ("teacher SFT", "teacher", "sft"),
+        ("student 0.5B DPT", "0.5b", "dpt"),
+        ("student 0.5B SFT", "0.5b", "sft"),
+        ("student 0.5B DFT", "0.5b", "dft"),
+        ("student 1.8B DFT", "1.8b", "dft"),
+    ]
+    print(
+        f"GiB a GPU by the memory plan: micro-batch {batch} x {max_length} tokens, bf16, "
+        f"{world} GPUs, teacher Qwen1.5-4B, SigLIP-so400m"
+    )
+    print("| stage | DDP | DDP, checkpointing | FSDP2 | FSDP2, checkpointing |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, llm, stage in runs:
+        student = meta_llava(llm)
+        llava_kd.apply_stage(student, stage)
+        teacher = meta_llava("teacher") if llava_kd.STAGES[stage]["teacher"] else None
+        cells = []
+        for fsdp in (False, True):
+            rows = runtime.memory_plan(student, teacher, batch, max_length, world, True, fsdp, 0.5)
+            cells += [runtime.plan_total(rows, c) / 2**30 for c in (False, True)]
+        print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+def run(d, stage, batch, steps, nproc=1, fsdp=False, checkpointing=True):
     extra = {
         "sft": ["--init", f"{d}/student"],
         "dft": ["--init", f"{d}/student", "--teacher", f"{d}/teacher"],
@@ -164,18 +208,20 @@ def run(d, stage, batch, steps, nproc=1, fsdp=False):
         "2048",
         "--workers",
         "0",
-        "--grad_checkpointing",
+        *(["--grad_checkpointing"] if checkpointing else []),
         "--save_every",
         "0",
         *extra,
         *(["--fsdp"] if fsdp else []),
     ]
     cmd[cmd.index("--global_batch_size") + 1] = str(batch * nproc)
-    subprocess.run(
-        cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL
-    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.rmtree(out, ignore_errors=True)
+    printed = subprocess.run(cmd, check=True, cwd=here, capture_output=True, text=True).stdout
+    plan = re.search(r"plan: ([0-9.]+) GiB", printed)
     log = [json.loads(line) for line in open(f"{out}/log.jsonl")]
     return (
+        float(plan[1]) if plan else float("nan"),
         max(r["peak_gib"] for r in log),
         min(r["seconds"] for r in log),
         log[-1]["tokens_per_s"],
@@ -191,7 +237,7 @@ def main():
         "--layers", type=int, default=2, help="layers of each model (the widths are the real ones)"
     )
     ap.add_argument("--batch", type=int, default=2, help="samples per micro-batch")
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--text_tokens", type=int, default=750)
     ap.add_argument("--stages", nargs="+", default=["sft", "dpt", "dft"])
     ap.add_argument("--dir", help="keep the checkpoints here (default: a temporary directory)")
@@ -202,9 +248,24 @@ def main():
         "--fsdp", action="store_true", help="shard the student with FSDP2 instead of DDP"
     )
     ap.add_argument(
+        "--checkpointing",
+        choices=["on", "off", "both"],
+        default="both",
+        help="--grad_checkpointing in the runs (both: each stage twice)",
+    )
+    ap.add_argument(
         "--student", choices=STUDENT_LLMS, default="0.5b", help="the student LLM's widths"
     )
+    ap.add_argument(
+        "--plan_table",
+        action="store_true",
+        help="print the plan of the real recipe's stages at full depth (no run) and stop",
+    )
     a = ap.parse_args()
+    if a.plan_table:
+        for max_length in (1024, 2048):
+            plan_table(8, max_length, 8)
+        return
     tmp = None if a.dir else tempfile.TemporaryDirectory()  # ~17 GB of checkpoints: removed at exit
     d = a.dir or tmp.name
     teacher_bytes = setup(d, a.layers, a.batch * a.nproc, a.text_tokens, a.student)
@@ -224,12 +285,18 @@ def main():
     )
     peak = {}
     for stage in a.stages:
-        peak[stage], seconds, tps, trained = run(d, stage, a.batch, a.steps, a.nproc, a.fsdp)
-        print(
-            f"{stage:4s} peak {peak[stage]:6.2f} GiB   {seconds:7.1f} s/step   "
-            f"{tps:8.0f} tokens/s   trained parameters + gradients + AdamW state "
-            f"{trained:6.2f} GiB a process"
-        )
+        for checkpointing in {"on": [True], "off": [False], "both": [True, False]}[a.checkpointing]:
+            plan, measured, seconds, tps, trained = run(
+                d, stage, a.batch, a.steps, a.nproc, a.fsdp, checkpointing
+            )
+            peak.setdefault(stage, measured)  # the check below: checkpointed, where measured
+            print(
+                f"{stage:4s} checkpointing {'on ' if checkpointing else 'off'}  peak "
+                f"{measured:6.2f} GiB  plan {plan:6.2f} GiB ({plan / measured - 1:+.0%})  "
+                f"{seconds:7.1f} s/step  {tps:6.0f} tokens/s  trained parameters + gradients "
+                f"+ AdamW state {trained:6.2f} GiB a process",
+                flush=True,
+            )
     if "sft" in peak and "dft" in peak:
         budget = peak["sft"] + (teacher_bytes + 0.25 * logits) / 2**30
         print(

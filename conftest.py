@@ -24,6 +24,22 @@ def toy(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def ckpts(toy, tmp_path_factory):
+    """An (untrained) teacher and student LLaVA checkpoint built from the toy parts."""
+    import torch
+
+    import llava_kd
+    import runtime
+
+    out = tmp_path_factory.mktemp("ckpts")
+    for name in ("teacher", "student"):
+        torch.manual_seed(0)
+        model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
+        runtime.save_checkpoint_files(model, proc, out / name)
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def recipe(request, tmp_path_factory):
     """`bash train.sh`'s toy recipe (test_recipe.py), started when the session starts if that test

@@ -533,7 +533,7 @@ def global_counts(micro, image_id, device, ddp, world):
     return [max(float(c), 1.0) / world for c in count[:4]], float(count[4])
 
 
-def setup(a, device, cuda, world):
+def setup(a, device, cuda, world, master):
     """Everything a run reads before it trains: flags, data, the checkpoint to resume, the models.
     No collective inside: every process runs it alone, and runtime.agreed stops them all on one
     error."""
@@ -546,6 +546,13 @@ def setup(a, device, cuda, world):
             f"lower --global_batch_size"
         )
     ckpt = os.path.join(a.out, "checkpoint")
+    # the memory plan, from the configs alone: it stops a run that would not fit before it loads
+    student = runtime.meta_llava(ckpt if a.resume else a.init, a.vision, a.llm)
+    apply_stage(student, a.stage)
+    teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
+    runtime.check_memory(a, world, device, student, teacher, master)
+    if a.plan:
+        return None
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
@@ -585,9 +592,12 @@ def train(a):
     world = dist.get_world_size() if ddp else 1
     master = rank == 0
     # flags and every sample first: a typo costs seconds, not a teacher's loading time
-    global_batch, state, model, processor, teacher, ds = runtime.agreed(
-        setup, a, device, cuda, world
-    )
+    ready = runtime.agreed(setup, a, device, cuda, world, master)
+    if ready is None:  # --plan: printed, nothing loaded
+        if ddp:
+            dist.destroy_process_group()
+        return
+    global_batch, state, model, processor, teacher, ds = ready
     apply_stage(model, a.stage)
     model.to(device)
     model.config.use_cache = False
@@ -782,7 +792,16 @@ def main(argv=None):
     p.add_argument("--save_every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute each decoder layer in backward: activations ~1/10 (--plan shows them)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory plan (printed first in every run) and stop before loading weights",
+    )
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p.add_argument(

@@ -327,3 +327,195 @@ def peak_reserved_bytes(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
     return peak_bytes(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory plan: bytes a process holds at its peak (the end of a micro-batch's forward, where the
+# activations, the loss's gradients and the weights meet), from the configs alone, printed before
+# any weight loads. GiB = 2**30 bytes.
+
+# Saved activations a token a decoder layer (Qwen2/Llama: attention + SwiGLU MLP), measured with
+# saved_tensors_hooks (test_plan.py measures them again): bytes = a_D x hidden + a_I x intermediate,
+# and a row of the attention mask: each layer converts the padded batch's [T, T] mask to the query's
+# dtype and keeps it. float32: 10 hidden-wide tensors (two RMSNorms' inputs and outputs, q, k, v,
+# the projections' inputs) and 4 intermediate-wide (gate, up, act(gate), their product); bf16
+# autocast: the norms stay float32, each projection's input is its own bf16 cast (34 x hidden on a
+# CPU; 36 allows the attention output that CUDA's kernels save beside).
+ACTIVATIONS = {torch.float32: (40, 16), torch.bfloat16: (36, 8)}
+BLOCK_TENSORS = 10  # [rows, V] float32 tensors alive in a block of fused_loss (measured, peak RSS)
+CPU_RUNTIME = 0.4 * 2**30  # python, torch, transformers and the data (peak RSS measured)
+CUDA_RUNTIME = 1.0 * 2**30  # CUDA context, NCCL buffers (an estimate; nothing on a CPU shows it)
+
+
+def meta_llava(path=None, vision=None, llm=None):
+    """The LLaVA that a checkpoint directory (or --vision + --llm) describes, on the meta device:
+    every parameter's shape, without reading a weight."""
+    if path:
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    else:
+        v = transformers.AutoConfig.from_pretrained(vision)
+        v = getattr(v, "vision_config", v)  # a SigLIP/CLIP/LLaVA checkpoint: its tower's config
+        t = transformers.AutoConfig.from_pretrained(llm)
+        cfg = transformers.LlavaConfig(
+            vision_config=v, text_config=t, tie_word_embeddings=t.tie_word_embeddings
+        )
+    with torch.device("meta"):
+        return transformers.LlavaForConditionalGeneration(cfg)
+
+
+def numel(module, trained=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trained)
+
+
+def activation_bytes(text, batch, length, dtype, checkpointing):
+    """The student LLM's saved activations for a micro-batch of `batch` x `length` tokens: every
+    layer's (the graph holds them until backward), or with checkpointing each layer's input and one
+    layer's recomputed set."""
+    a_d, a_i = ACTIVATIONS[dtype]
+    tokens = batch * length
+    mask = batch * length**2 * dtype.itemsize
+    layer = tokens * (a_d * text.hidden_size + a_i * text.intermediate_size) + mask
+    layers = text.num_hidden_layers
+    if checkpointing:
+        return layers * tokens * text.hidden_size * 4 + layer  # the residual stream is float32
+    return layers * layer
+
+
+def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma):
+    """Per process: [(what, bytes, when)], when = "held" (the whole run), "forward" (at the end of
+    a micro-batch's forward, with one activation row of two: checkpointing off, on) or "step" (the
+    optimizer's). student/teacher: meta models, the student's requires_grad set for the stage."""
+    text = student.config.text_config
+    D, V = text.hidden_size, text.vocab_size
+    tokens = batch * max_length
+    size = 2 if cuda else 4  # the teacher's bytes an element (bf16 on CUDA)
+    tower = numel(student.model.vision_tower)
+    rest = numel(student) - tower  # projector + LLM, float32 masters
+    trained = numel(student, trained=True)
+    layers = student.model.language_model.layers
+    layer = numel(layers[0])
+    root = rest - len(layers) * layer  # FSDP's root group: embeddings, norm, head, projector
+    shards = world if fsdp else 1
+    rows = [
+        ("student weights, float32 (vision tower whole)", 4 * rest / shards + 4 * tower, "held"),
+        ("gradients, float32", 4 * trained / shards, "held"),
+        ("AdamW moments, float32", 8 * trained / shards, "held"),
+    ]
+    t_hidden = 0
+    if teacher is not None:
+        t_hidden = teacher.config.text_config.hidden_size
+        frozen = numel(teacher) - numel(teacher.model.vision_tower)  # the tower is the student's
+        gram = 4 * t_hidden**2 if gamma else 0  # W_t^T W_t for L_rel, fixed for the run
+        rows.append(("teacher, frozen (the tower is the student's)", size * frozen, "held"))
+        rows.append(("teacher's W_t^T W_t", gram, "held"))
+    runtime = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
+    rows.append((*runtime, "held"))
+    # FSDP2: the root group whole through forward and backward, two layers gathered at a time
+    gathered = size * (2 * root + 2 * layer) if fsdp else 0
+    rows.append(("FSDP2's gathered parameters", gathered, "forward"))
+    # DDP on CUDA: autocast's bf16 copies of the weights, saved for backward; the loss's head copy
+    copies = 2 * (len(layers) * layer + V * D) if cuda and not fsdp else 0
+    rows.append(("bf16 copies of the weights (autocast)", copies, "forward"))
+    # fused_loss: dL/dW [V, D] and dL/dh in float32, the hidden states of both models, one block's
+    # [rows, V] tensors
+    head = 4 * V * D if student.lm_head.weight.requires_grad else 0
+    hidden = 4 * tokens * D * 2 + size * tokens * t_hidden
+    block = BLOCK_TENSORS * 4 * min(2**24, tokens * V)
+    rows.append(("loss work tensors (lean path), hidden states", head + hidden + block, "forward"))
+    for checkpointing in (False, True):
+        dtype = torch.bfloat16 if cuda else torch.float32
+        act = activation_bytes(text, batch, max_length, dtype, checkpointing)
+        rows.append((f"activations, checkpointing {('off', 'on')[checkpointing]}", act, "forward"))
+    # fused AdamW (CUDA, DDP): no temporaries; foreach (CUDA, FSDP2): one full-size list; the
+    # CPU's loop: two of the largest parameter's size
+    largest = max(p.numel() for p in student.parameters() if p.requires_grad)
+    temporaries = 0 if cuda and not fsdp else 4 * trained / shards if cuda else 8 * largest
+    rows.append(("AdamW step temporaries", temporaries, "step"))
+    return rows
+
+
+def plan_total(rows, checkpointing):
+    """What is held, and the larger of the end of a forward and the optimizer step."""
+    skip = f"activations, checkpointing {('on', 'off')[checkpointing]}"
+    kept = [(b, when) for what, b, when in rows if what != skip]
+    held, forward, step = (
+        sum(b for b, w in kept if w == when) for when in ("held", "forward", "step")
+    )
+    return held + max(forward, step)
+
+
+def device_bytes(device):
+    """A GPU's memory, or on a CPU this process's share of the machine's (processes share it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_memory(a, world, device, student, teacher, master):
+    """Prints the plan (rank 0) and stops, naming what would fit, when this run's does not."""
+    cuda = device.type == "cuda"
+    limit = device_bytes(device)
+
+    def total(batch, fsdp, checkpointing):
+        rows = memory_plan(student, teacher, batch, a.max_length, world, cuda, fsdp, a.gamma)
+        return rows, plan_total(rows, checkpointing)
+
+    ddp, _ = total(a.batch_size, False, False)
+    sharded, _ = total(a.batch_size, True, False)
+    mode = f"FSDP2 x {world}" if a.fsdp else "DDP" if world > 1 else "one process"
+    _, need = total(a.batch_size, a.fsdp, a.grad_checkpointing)
+    ckpt = "on" if a.grad_checkpointing else "off"
+    if master:
+        where = f"{torch.cuda.get_device_name(device)}, " if cuda else "CPU, "
+        print(
+            f"memory plan, GiB a process ({a.stage}; micro-batch {a.batch_size} x {a.max_length} "
+            f"tokens; {'bf16 autocast' if cuda else 'float32'}; {world} process(es)):"
+        )
+        columns = [ddp, sharded] if world > 1 else [ddp]
+        heads = ["DDP", f"FSDP2 x {world}"] if world > 1 else ["one process"]
+        print(f"  {'':60s}" + "".join(f"{h:>13s}" for h in heads))
+        when = {"held": "held", "forward": "forward", "step": "opt step"}
+        lines = [(f"{name} [{when[w]}]", name) for name, _, w in ddp]
+        lines += [(f"total, checkpointing {c}", c) for c in ("off", "on")]
+        for label, name in lines:
+            cells = []
+            for rows in columns:
+                found = {what: b for what, b, _ in rows}
+                found["off"], found["on"] = plan_total(rows, False), plan_total(rows, True)
+                cells.append(f"{found[name] / 2**30:13.2f}")
+            print(f"  {label:60s}" + "".join(cells))
+        print("  (total: what is held + the larger of the end of a forward and the optimizer step)")
+        print(
+            f"plan: {need / 2**30:.2f} GiB a process ({mode}, checkpointing {ckpt}) of "
+            f"{limit / 2**30:.1f} GiB ({where}device memory)"
+        )
+    if need <= limit:
+        return
+    # what would fit, in the order that costs least: checkpointing, sharding, a smaller micro-batch
+    options = [(a.batch_size, a.fsdp, True)]
+    if world > 1:
+        options += [(a.batch_size, True, a.grad_checkpointing), (a.batch_size, True, True)]
+    batch = a.batch_size // 2
+    while batch >= 1:
+        options.append((batch, a.fsdp or world > 1, True))
+        batch //= 2
+    for batch, fsdp, checkpointing in options:
+        _, fits = total(batch, fsdp, checkpointing)
+        if fits <= limit:
+            changes = []
+            if checkpointing and not a.grad_checkpointing:
+                changes.append("--grad_checkpointing")
+            if fsdp and not a.fsdp:
+                changes.append("--fsdp (train.sh: FSDP=1)")
+            if batch != a.batch_size:
+                changes.append(f"--batch_size {batch} (train.sh: BATCH={batch})")
+            advice = f"{' and '.join(changes)} fits ({fits / 2**30:.1f} GiB)"
+            break
+    else:
+        advice = "nothing tried fits: more GPUs with --fsdp, or a shorter --max_length"
+    raise data.UserError(
+        f"memory plan: {need / 2**30:.1f} GiB a process ({mode}, checkpointing {ckpt}, "
+        f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
+        f"{limit / 2**30:.1f} GiB of the device; {advice}"
+    )

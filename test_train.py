@@ -21,17 +21,6 @@ import runtime
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def ckpts(toy, tmp_path_factory):
-    """An (untrained) teacher and student LLaVA checkpoint built from the toy parts."""
-    out = tmp_path_factory.mktemp("ckpts")
-    for name in ("teacher", "student"):
-        torch.manual_seed(0)
-        model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
-        runtime.save_checkpoint_files(model, proc, out / name)
-    return out
-
-
 def args(toy, stage, out, *extra):
     data = "pretrain" if stage in ("pt", "dpt") else "sft"
     return [

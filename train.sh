@@ -16,8 +16,10 @@
 #   OUT           where every stage writes its checkpoint (default runs/real, toy: runs/toy)
 #   NGPU          processes (default: every GPU, or 1 on a CPU machine)
 #   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
-#   EXTRA         more flags for every stage, e.g. "--grad_checkpointing --max_length 2048"
-#   FSDP=1        shard the student over the processes (FSDP2) instead of DDP: students that outgrow one GPU
+#   EXTRA         flags for every stage (real recipe default: --grad_checkpointing), e.g. "--max_length 4096"
+#   FSDP          auto (default): FSDP2 for sft and dft on several processes, DDP for pt and dpt;
+#                 1: FSDP2 for every stage; 0: DDP for every stage. `llava_kd.py train ... --plan` prints
+#                 a stage's memory a GPU under each, and every stage stops first if its plan does not fit
 #   NNODES        nodes (default 1: torchrun --standalone); with more, on every node the same command with
 #   NODE_RANK     this node's rank (0 .. NNODES-1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 29500)
 #   SEEDS         toy recipe only: student seeds (default "0 1 2")
@@ -31,17 +33,24 @@ if [ "${NNODES:-1}" -gt 1 ]; then  # torchrun's own rendezvous: node 0 listens o
 else
   NODES="--standalone"
 fi
-RUN="$PYTHON -m torch.distributed.run $NODES --nproc_per_node=$NGPU llava_kd.py train $([ "${FSDP:-0}" = 1 ] && echo --fsdp || true)"
-if [ "$NGPU" = 1 ] && [ "$NODES" = --standalone ] && [ "${FSDP:-0}" != 1 ]; then
-  RUN="$PYTHON llava_kd.py train"  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
-fi
-EXTRA=${EXTRA:-}
+FSDP=${FSDP:-auto}; WORLD=$(( NGPU * ${NNODES:-1} ))
+stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
+  local launch="$PYTHON -m torch.distributed.run $NODES --nproc_per_node=$NGPU" fsdp=
+  # FSDP2 (Table A9's ZeRO-3) where a whole LLM trains (sft, dft) on several processes: the memory
+  # plan (llava_kd.py train --plan) has a 4B teacher's SFT at ~75 GiB a GPU under DDP, ~20 GiB sharded
+  if [ "$FSDP" = 1 ] || { [ "$FSDP" = auto ] && [ "$WORLD" -gt 1 ] && [[ $1 == sft || $1 == dft ]]; }; then
+    fsdp=--fsdp
+  elif [ "$WORLD" = 1 ]; then
+    launch=$PYTHON  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
+  fi
+  $launch llava_kd.py train --stage "$@" $fsdp
+}
 
 if [ -n "${INIT:-}" ]; then
   # ---- DFT only: an existing small LLaVA distilled from a larger one of the same tokenizer ----
   : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}
-  $RUN --stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
+  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---grad_checkpointing}
+  stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
     --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
   echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
   exit 0
@@ -51,23 +60,23 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   # ---- the real recipe (Table A9 defaults: lr, global batch, one epoch, AdamW, cosine, 3% warmup) ----
   : "${VISION:?set VISION}" "${STUDENT_LLM:?set STUDENT_LLM}" "${PT_DATA:?set PT_DATA}" "${PT_IMAGES:?set PT_IMAGES}"
   : "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}; B="--batch_size ${BATCH:-8} $EXTRA"
+  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---grad_checkpointing}; B="--batch_size ${BATCH:-8} $EXTRA"
   PT="--data $PT_DATA --images $PT_IMAGES $B"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B"
   if [ -z "${TEACHER:-}" ]; then  # the teacher: PT -> SFT, as LLaVA-1.5 / TinyLLaVA train it
     : "${TEACHER_LLM:?set TEACHER_LLM or TEACHER}"
-    $RUN --stage pt  $PT  --vision "$VISION" --llm "$TEACHER_LLM" --out "$OUT/teacher-pt"
-    $RUN --stage sft $SFT --init "$OUT/teacher-pt" --out "$OUT/teacher"
+    stage pt  $PT  --vision "$VISION" --llm "$TEACHER_LLM" --out "$OUT/teacher-pt"
+    stage sft $SFT --init "$OUT/teacher-pt" --out "$OUT/teacher"
     TEACHER=$OUT/teacher
   fi
-  $RUN --stage dpt $PT  --vision "$VISION" --llm "$STUDENT_LLM" --teacher "$TEACHER" --out "$OUT/student-dpt"
-  $RUN --stage sft $SFT --init "$OUT/student-dpt" --out "$OUT/student-dpt-sft"
-  $RUN --stage dft $SFT --init "$OUT/student-dpt-sft" --teacher "$TEACHER" --out "$OUT/student-llava-kd"
+  stage dpt $PT  --vision "$VISION" --llm "$STUDENT_LLM" --teacher "$TEACHER" --out "$OUT/student-dpt"
+  stage sft $SFT --init "$OUT/student-dpt" --out "$OUT/student-dpt-sft"
+  stage dft $SFT --init "$OUT/student-dpt-sft" --teacher "$TEACHER" --out "$OUT/student-llava-kd"
   echo "LLaVA-KD student: $OUT/student-llava-kd (LlavaForConditionalGeneration.from_pretrained loads it)"
   exit 0
 fi
 
 # ---- the toy recipe: tiny models and a synthetic image-QA set written here, offline, on a CPU ----
-OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
+EXTRA=${EXTRA:-}; OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
 TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-3}; TOY_TEACHER_EPOCHS=${TOY_TEACHER_EPOCHS:-3}
 # sft/dft: global batch 8 (450 steps): at 32 (111 steps, lr 2e-3) the students stayed at the question-only prior
 # the teacher at 5e-4: at 2e-3 its SFT forgot the captions that DPT distils (its mix also keeps some captions)
@@ -82,24 +91,24 @@ rm -rf "$OUT"; mkdir -p "$OUT/logs"
 $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
 
 teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
-  $RUN --stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
-  $RUN --stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
+  stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
+  stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
     --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
 }
 baseline() {  # a student's stages without the teacher
   local s=$1 S=$OUT/seed$1
-  $RUN --stage pt  $PT  --seed $s --vision $T/vision --llm $T/student_llm --out $S/pt
-  $RUN --stage sft $SFT --seed $s --init $S/pt --out $S/pt-sft
-  $RUN --stage sft $SFT --seed $s --init $S/pt-sft --out $S/pt-sft-sft
+  stage pt  $PT  --seed $s --vision $T/vision --llm $T/student_llm --out $S/pt
+  stage sft $SFT --seed $s --init $S/pt --out $S/pt-sft
+  stage sft $SFT --seed $s --init $S/pt-sft --out $S/pt-sft-sft
 }
 distilled() {  # a student's stages with the teacher: DPT -> SFT -> DFT (LLaVA-KD)
   local s=$1 S=$OUT/seed$1 K="--teacher $OUT/teacher-pt-sft"
-  $RUN --stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
-  $RUN --stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
-  $RUN --stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
+  stage dpt $PT  --seed $s --vision $T/vision --llm $T/student_llm $K --out $S/dpt
+  stage sft $SFT --seed $s --init $S/dpt --out $S/dpt-sft
+  stage dft $SFT --seed $s --init $S/dpt-sft $K --out $S/dpt-sft-dft
 }
 dft_after_sft() {  # DFT on the baseline's PT -> SFT student
-  $RUN --stage dft $SFT --seed $1 --init $OUT/seed$1/pt-sft --teacher $OUT/teacher-pt-sft --out $OUT/seed$1/pt-sft-dft
+  stage dft $SFT --seed $1 --init $OUT/seed$1/pt-sft --teacher $OUT/teacher-pt-sft --out $OUT/seed$1/pt-sft-dft
 }
 evaluate() {  # the question-only prior and the teacher, or one seed's five students
   if [ "$1" = teacher ]; then

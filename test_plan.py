@@ -1,0 +1,134 @@
+"""The memory plan: its activation constants measured again, and a run that would not fit stopped
+before any weight loads, with what would fit named."""
+
+import argparse
+import contextlib
+
+import pytest
+import torch
+import transformers
+
+import data
+import llava_kd
+import runtime
+from test_train import args
+
+
+def saved_bytes(layers, dtype, hidden=64, intermediate=176, tokens=96):
+    """Bytes a tiny Qwen2's forward saves for backward (its parameters and their casts aside)."""
+    cfg = transformers.Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=32,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = transformers.Qwen2Model(cfg)
+    storages = {}
+
+    def pack(t):
+        if tokens in t.shape:  # activations have a token dimension; weights and their casts don't
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    mask[0, -5:] = 0  # padding: the 4-D mask is built, as in a padded micro-batch
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast if dtype == torch.bfloat16 else contextlib.nullcontext():
+            model(inputs_embeds=x, attention_mask=mask)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_constants_are_what_a_decoder_layer_saves(dtype):
+    """ACTIVATIONS[dtype] = (a_D, a_I): a layer saves a_D x hidden + a_I x intermediate bytes a
+    token, and its own copy of the [T, T] mask. Measured as the difference between 4 and 2 layers
+    (the rotary tables and final norm are shared); bf16 allows the 2 bytes x hidden that CUDA's
+    attention kernels save beside."""
+    hidden, intermediate, tokens = 64, 176, 96
+    per_layer = (saved_bytes(4, dtype) - saved_bytes(2, dtype)) / 2
+    text = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate)
+    text.num_hidden_layers = 1
+    planned = runtime.activation_bytes(text, 1, tokens, dtype, checkpointing=False)
+    small = 32 * tokens  # the attention's log-sum-exp, a few bytes a token
+    if dtype == torch.float32:
+        assert abs(planned - per_layer) <= small, (per_layer, planned)
+    else:
+        assert 0 <= planned - per_layer <= small + 2 * hidden * tokens, (per_layer, planned)
+    # checkpointing keeps each layer's float32 input and one layer's set
+    text.num_hidden_layers = 4
+    checkpointed = runtime.activation_bytes(text, 1, tokens, dtype, checkpointing=True)
+    assert checkpointed == 4 * tokens * hidden * 4 + planned
+
+
+def plan_args(**kw):
+    base = dict(
+        stage="dft",
+        batch_size=8,
+        max_length=192,
+        fsdp=False,
+        grad_checkpointing=False,
+        gamma=0.5,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def metas(ckpts):
+    student = runtime.meta_llava(ckpts / "student")
+    llava_kd.apply_stage(student, "dft")
+    return student, runtime.meta_llava(ckpts / "teacher")
+
+
+def totals(metas, a, world):
+    rows = {
+        fsdp: runtime.memory_plan(*metas, a.batch_size, a.max_length, world, False, fsdp, 0.5)
+        for fsdp in (False, True)
+    }
+    return {(f, c): runtime.plan_total(rows[f], c) for f in (False, True) for c in (False, True)}
+
+
+def refusal(metas, a, world, limit, monkeypatch):
+    monkeypatch.setattr(runtime, "device_bytes", lambda device: limit)
+    with pytest.raises(data.UserError) as e:
+        runtime.check_memory(a, world, torch.device("cpu"), *metas, master=False)
+    return str(e.value)
+
+
+def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, monkeypatch):
+    a = plan_args(batch_size=8, max_length=4096)
+    t = totals(metas, a, world=8)
+    # the plan's own sense: checkpointing and sharding lower it
+    assert t[False, True] < t[False, False] and t[True, False] < t[False, False]
+    between = (t[False, True] + t[False, False]) / 2
+    message = refusal(metas, a, 8, between, monkeypatch)
+    assert message.startswith("memory plan: ") and "exceeds" in message
+    assert "--grad_checkpointing fits" in message and "--fsdp" not in message
+    # below checkpointing's total but above sharding's with checkpointing: --fsdp named too
+    a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=True)
+    between = (t[True, True] + t[False, True]) / 2
+    assert "--fsdp (train.sh: FSDP=1) fits" in refusal(metas, a, 8, between, monkeypatch)
+    # one process, too little for any setting of this micro-batch: a smaller one is named
+    a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=True)
+    one = totals(metas, plan_args(batch_size=1, max_length=4096), world=1)[False, True]
+    message = refusal(metas, a, 1, one * 1.01, monkeypatch)
+    assert "--batch_size 1 (train.sh: BATCH=1) fits" in message, message
+    assert "nothing tried fits" in refusal(metas, a, 1, one * 0.5, monkeypatch)
+
+
+def test_plan_prints_before_any_weight_loads(toy, ckpts, tmp_path, monkeypatch, capsys):
+    def no_weights(*a, **kw):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
+    extra = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher"), "--plan"]
+    llava_kd.main(args(toy, "dft", tmp_path / "out", *extra))
+    printed = capsys.readouterr().out
+    assert "memory plan, GiB a process (dft; micro-batch 8 x 2048 tokens; float32" in printed
+    for row in ("teacher, frozen", "activations, checkpointing on", "total, checkpointing off"):
+        assert row in printed
+    assert "plan: " in printed and not (tmp_path / "out").exists()
