@@ -36,10 +36,10 @@ def image_seq_length(processor):
     return n - (processor.vision_feature_select_strategy == "default")
 
 
-def read_samples(json_path, image_folder):
+def read_samples(json_path, image_folder, rank=0, world=1):
     """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError
     names the file and lists every bad sample id; a missing or misplaced <image> is put at the start
-    of the first turn."""
+    of the first turn. Each of `world` processes opens the image headers of its share of samples."""
     try:
         with open(json_path) as f:
             rows = json.load(f)
@@ -49,9 +49,11 @@ def read_samples(json_path, image_folder):
     samples, problems, moved = [], [], [0]
     for i, row in enumerate(rows):
         try:
-            samples.append(_check(row, i, image_folder, moved))
+            samples.append(_check(row, i, image_folder, moved, i % world == rank))
         except DataError as e:
             problems.append(str(e))
+    if len(problems) == 1:
+        raise DataError(f"{json_path}: {problems[0]}")
     if problems:
         raise DataError(
             f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
@@ -65,7 +67,7 @@ def read_samples(json_path, image_folder):
     return samples
 
 
-def _check(row, i, image_folder, moved):
+def _check(row, i, image_folder, moved, open_image):
     sid = row.get("id", f"#{i}") if isinstance(row, dict) else f"#{i}"
     conv = row.get("conversations") if isinstance(row, dict) else None
     if not conv:
@@ -79,6 +81,13 @@ def _check(row, i, image_folder, moved):
         raise DataError(
             f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt"
         )
+    for c in conv:
+        try:
+            c["value"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"sample {sid}: text that is not valid Unicode ({e.reason})") from None
+    if any(not c["value"].strip() for c in conv[1::2]):
+        raise DataError(f"sample {sid}: an empty answer (it would train on the end token alone)")
     conv = [dict(c) for c in conv]
     n_tags = sum(c["value"].count("<image>") for c in conv)
     image = row.get("image")
@@ -96,6 +105,8 @@ def _check(row, i, image_folder, moved):
             f"sample {sid}: image file {path} not found (is --images the folder the paths "
             f"in the JSON are relative to?)"
         )
+    if open_image:
+        check_image(path, sid)
     if not conv[0]["value"].startswith("<image>"):  # LLaVA: the image opens the first human turn
         moved[0] += 1
         conv[0]["value"] = (
@@ -104,6 +115,20 @@ def _check(row, i, image_folder, moved):
         for c in conv[1:]:
             c["value"] = c["value"].replace("<image>", "")
     return sid, path, conv
+
+
+def check_image(path, sid):
+    """The image's header: its format and size (PIL reads no pixels for it)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, Image.DecompressionBombError) as e:
+        raise DataError(f"sample {sid}: image file {path} cannot be read ({e})") from None
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"sample {sid}: image file {path} has {width * height / 1e6:.0f} megapixels, above "
+            f"PIL's limit for untrusted images ({Image.MAX_IMAGE_PIXELS / 1e6:.0f}): resize it"
+        )
 
 
 # Chat templates. Clients pass a turn's content as a string ("<image>\nWhat is it?": lmms-eval's
@@ -260,6 +285,31 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def check_lengths(self, rank=0, world=1):
+        """This process's share of the samples tokenized (no image read): a sample with no answer
+        token within max_length is refused by id; answers cut short are counted in a note."""
+        refused, cut = [], []
+        for i in range(rank, len(self.rows), world):
+            sid, image, conv = self.rows[i]
+            ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
+            shift = self.n_image_tokens - 1 if image is not None else 0  # <image> -> n tokens
+            answer = [j + shift for j, label in enumerate(labels) if label != IGNORE]
+            if answer[0] >= self.max_length:
+                refused.append(f"{sid} (needs {answer[0] + 1})")
+            elif answer[-1] >= self.max_length:
+                cut.append(sid)
+        if refused:
+            raise DataError(
+                f"{self.json_path}: {len(refused)} sample(s) have no answer token within "
+                f"--max_length {self.max_length}: {', '.join(refused[:10])}"
+                f"{' ...' if len(refused) > 10 else ''}; raise --max_length or remove them"
+            )
+        if cut:
+            print(
+                f"note: {self.json_path}: {len(cut)} answer(s) cut short by --max_length "
+                f"{self.max_length} (their end token is not trained), e.g. {', '.join(cut[:5])}"
+            )
+
     def _plain(self, conv, has_image):
         caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [
             self.tok.eos_token_id
@@ -308,12 +358,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(image) as im:
                     img = im.convert("RGB")
-            except OSError as e:
-                raise DataError(
-                    f"{self.json_path}: sample {sid}: cannot read image {image} ({e}); fix or "
-                    f"remove "
-                    f"it, then continue with --resume"
-                ) from e
+            except (OSError, Image.DecompressionBombError) as e:  # the header was fine
+                error = f"{self.json_path}: sample {sid}: cannot decode image {image} ({e})"
+                return {"id": sid, "error": error}  # the loop saves a checkpoint and stops
             pixel_values = self.processor.image_processor(img, return_tensors="pt")["pixel_values"][
                 0
             ]
@@ -332,7 +379,10 @@ class LlavaDataset(torch.utils.data.Dataset):
 def collate(rows, pad_token_id):
     """Right padding; attention_mask marks real tokens (Qwen's pad id is also an end token, so
     padding is known by the mask, never by id); pixel_values stacks the images of the rows that have
-    one, in order."""
+    one, in order. errors: the rows whose image did not decode (then nothing else)."""
+    errors = [r["error"] for r in rows if "error" in r]
+    if errors:
+        return {"errors": errors}
     B, T = len(rows), max(len(r["input_ids"]) for r in rows)
     out = {
         "input_ids": torch.full((B, T), pad_token_id),
@@ -348,4 +398,5 @@ def collate(rows, pad_token_id):
         )
     images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
     out["pixel_values"] = torch.stack(images) if images else None
+    out["errors"] = []
     return out

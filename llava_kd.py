@@ -516,6 +516,8 @@ def global_counts(micro, image_id, device, ddp, world):
     """
     rows = []
     for b in micro:
+        if b["errors"]:  # an image did not decode: nothing else in it
+            continue
         visual = b["input_ids"] == image_id
         labels, attention = b["labels"], b["attention_mask"]
         kinds = (
@@ -525,53 +527,63 @@ def global_counts(micro, image_id, device, ddp, world):
             prompt_rows(labels, visual, attention),
             attention,
         )
-        rows.append([int(m.sum()) for m in kinds])
+        rows.append([int(m.sum()) for m in kinds] + [0])
+    rows += [[0] * 5 + [len(b["errors"])] for b in micro if b["errors"]]
     count = torch.tensor(rows, dtype=torch.float64).sum(0).to(device)
     if ddp:
         dist.all_reduce(count)
     # / world: DDP and FSDP average the gradients over the processes
-    return [max(float(c), 1.0) / world for c in count[:4]], float(count[4])
+    return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), count[5] > 0
 
 
 def setup(a, device, cuda, world, master):
     """Everything a run reads before it trains: flags, data, the checkpoint to resume, the models.
-    No collective inside: every process runs it alone, and runtime.agreed stops them all on one
-    error."""
+    No collective inside: every process runs it alone (each checks a share of the data), and
+    runtime.agreed stops them all on one error."""
     stage = STAGES[a.stage]
+    rank = dist.get_rank() if dist.is_initialized() else 0
     global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
-    samples = data.read_samples(a.data, a.images)
+    samples = data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch:
         raise data.UserError(
             f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
             f"lower --global_batch_size"
         )
-    ckpt = os.path.join(a.out, "checkpoint")
+    if not a.plan:
+        runtime.claim_out(a, master)
+    ckpt = runtime.find_checkpoint(a.out) if a.resume else None
+    source = ckpt or a.init
     # the memory plan, from the configs alone: it stops a run that would not fit before it loads
-    student = runtime.meta_llava(ckpt if a.resume else a.init, a.vision, a.llm)
+    student = runtime.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
     runtime.check_memory(a, world, device, student, teacher, master)
     if a.plan:
         return None
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
+    if a.resume:  # the same flags as the checkpoint's, but those that may change
+        runtime.check_resume(a, state["args"])
+    if source:  # every answer's length, with the processor alone
+        runtime.check_lengths(source, a, stage["chat"], samples, rank, world)
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
-    if a.resume or a.init:
-        model, processor = load_llava(ckpt if a.resume else a.init, torch.float32)
+    if source:
+        model, processor = runtime.readable(load_llava, source, torch.float32)
     else:
         model, processor = build_student(a.vision, a.llm)
     teacher = None
     if stage["teacher"]:
         dtype = torch.bfloat16 if cuda else torch.float32
-        new = not (a.resume or a.init)
+        new = source is None
         teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new).to(device)
         model.model.vision_tower.float()  # the shared tower in the student's dtype, saved with it
-    source = ckpt if a.resume else a.init or a.llm
-    data.prepare_chat(processor, model.generation_config, source, end_is_eos=stage["chat"])
+    data.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
         a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples
     )
+    if source is None:  # a new student: checked with its processor, built with its weights
+        ds.check_lengths(rank, world)
     return global_batch, state, model, processor, teacher, ds
 
 
@@ -624,7 +636,7 @@ def train(a):
         student = Student(model, m_t)
     params = [p for p in model.parameters() if p.requires_grad]
     table = TABLE_A9[a.stage]
-    lr = a.lr or table["lr"]
+    lr = table["lr"] if a.lr is None else a.lr
     # fused on CUDA: one kernel, without the foreach step's full-size temporaries (not under FSDP:
     # its sharded parameters are DTensors, and fused AdamW on them has not run here)
     fused = cuda and not a.fsdp
@@ -633,15 +645,15 @@ def train(a):
 
     accum = global_batch // (a.batch_size * world)  # micro-steps an optimizer step, each process
     steps_per_epoch = len(ds) // global_batch
-    total = steps_per_epoch * (a.epochs or table["epochs"])
-    end = min(total, a.max_steps or total)  # --max_steps stops early; the schedule is `total`'s
+    total = steps_per_epoch * (table["epochs"] if a.epochs is None else a.epochs)
+    end = total if a.max_steps is None else min(total, a.max_steps)  # the schedule is `total`'s
     ckpt = os.path.join(a.out, "checkpoint")
     step = 0
     if a.resume:
-        if (state["total"], state["global_batch"], state["seed"]) != (total, global_batch, a.seed):
+        if (state["total"], state["global_batch"]) != (total, global_batch):
             raise runtime.agreed_error(  # every process read the same checkpoint
-                f"--resume: {ckpt} was written with another data size, --global_batch_size or "
-                f"--seed"
+                f"--resume: the checkpoint in {a.out} was written for {state['total']} steps of "
+                f"{state['global_batch']}, not {total} of {global_batch}: another data size"
             )
         runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp)
         step = state["step"]
@@ -658,10 +670,32 @@ def train(a):
             sampler.set_epoch(epoch)
             order = list(sampler)[skip * per_step : steps_per_epoch * per_step]
             loader = torch.utils.data.DataLoader(
-                ds, a.batch_size, sampler=order, collate_fn=collate, num_workers=a.workers
+                ds,
+                a.batch_size,
+                sampler=order,
+                collate_fn=collate,
+                num_workers=a.workers,
+                worker_init_fn=runtime.ignore_signals,
             )
             yield from loader
             step = (epoch + 1) * steps_per_epoch
+
+    def checkpoint(done):
+        """out/checkpoint after `done` steps (under FSDP every process gathers the full state)."""
+        weights_and_opt = runtime.full_state(student, opt) if a.fsdp else (None, opt.state_dict())
+        if master:
+            full_weights, opt_state = weights_and_opt
+            state = dict(
+                step=done,
+                total=total,
+                global_batch=global_batch,
+                seed=a.seed,
+                optimizer=opt_state,
+                args=vars(a),
+            )
+            runtime.save_checkpoint(model, processor, state, a.out, full_weights)
+        if ddp:
+            dist.barrier()  # nobody runs ahead of a checkpoint being written
 
     log = None
     if master:
@@ -672,6 +706,7 @@ def train(a):
             f"{a.batch_size} x {accum}), lr {lr}, {n_train:.2f}M trainable, "
             f"teacher {a.teacher or '-'}"
         )
+    preemption = runtime.Preemption()  # SIGTERM & co: a checkpoint after the current step
     batches = micro_batches(step)
     bar = tqdm(range(step, end), initial=step, total=end, disable=not master, desc=a.stage)
     for step in bar:
@@ -679,10 +714,18 @@ def train(a):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, table["warmup_ratio"])
         micro = [next(batches) for _ in range(accum)]
-        counts, tokens = global_counts(micro, model.config.image_token_id, device, ddp, world)
-        logged = torch.zeros(6, dtype=torch.float64, device=device)  # loss and the five terms
+        errors = [e for b in micro for e in b["errors"]]
+        counts, tokens, failed = global_counts(
+            micro, model.config.image_token_id, device, ddp, world
+        )
+        if failed:  # an image that did not decode, on any process: stop at the last whole step
+            checkpoint(step)
+            advice = f"; {ckpt} holds step {step}: replace the file with a readable image, --resume"
+            runtime.agreed(runtime.fail, [e + advice for e in errors])
+        # the loss, the five terms, and whether a process was asked to stop
+        logged = torch.zeros(7, dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
-            b = {k: v.to(device) if v is not None else None for k, v in b.items()}
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
             # only the last micro-step all-reduces the gradients; the others accumulate locally
             last = i == accum - 1
             if a.fsdp:
@@ -694,15 +737,17 @@ def train(a):
             loss.backward()
             zero = torch.zeros((), device=device)
             values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
-            logged += torch.stack(values).double()
+            logged[:6] += torch.stack(values).double()
+        logged[6] = preemption.received is not None
         if ddp:
             dist.all_reduce(logged)
-        logged /= world
-        if not torch.isfinite(logged).all():  # every process sees the same sums and stops with it
+        host = (logged / world).tolist()  # the step's one host sync of the loss
+        if not all(map(math.isfinite, host)):  # every process sees the same sums and stops
             raise runtime.agreed_error(
-                f"stage {a.stage}: loss is {logged[0].item()} at step {step + 1}; stopped without "
+                f"stage {a.stage}: loss is {host[0]} at step {step + 1}; stopped without "
                 f"saving, the last good checkpoint is in {ckpt}"
             )
+        stopping = host[6] > 0 and step + 1 < end
         # logged: the norm before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(params, table["clip"])
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
@@ -712,14 +757,9 @@ def train(a):
         # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the
         # next no_sync micro-step would make fresh ones beside the buckets: a second copy)
         opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
-        save = step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0)
-        if save:  # under FSDP every process takes part in gathering the full state
-            weights_and_opt = (
-                runtime.full_state(student, opt) if a.fsdp else (None, opt.state_dict())
-            )
         if master:
             seconds = time.time() - t0
-            rec = dict(zip(("loss",) + TERMS, logged.tolist()))
+            rec = dict(zip(("loss",) + TERMS, host))
             rec.update(
                 step=step + 1,
                 lr=opt.param_groups[0]["lr"],
@@ -733,19 +773,14 @@ def train(a):
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
-            if save:
-                full_weights, opt_state = weights_and_opt
-                state = dict(
-                    step=step + 1,
-                    total=total,
-                    global_batch=global_batch,
-                    seed=a.seed,
-                    optimizer=opt_state,
-                    args=vars(a),
-                )
-                runtime.save_checkpoint(model, processor, state, a.out, full_weights)
-        if ddp and save:
-            dist.barrier()  # nobody runs ahead of a checkpoint being written
+        if step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
+            checkpoint(step + 1)
+        if stopping:
+            by = preemption.received or "a signal to another process"
+            raise runtime.agreed_error(
+                f"stopped by {by} at step {step + 1} of {end}; {ckpt} holds it: continue with "
+                f"the same command and --resume"
+            )
     if master:
         runtime.publish(a.out)
         print(f"stage {a.stage}: done at step {end}; model in {a.out}")
@@ -792,16 +827,8 @@ def main(argv=None):
     p.add_argument("--save_every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute each decoder layer in backward: activations ~1/10 (--plan shows them)",
-    )
-    p.add_argument(
-        "--plan",
-        action="store_true",
-        help="print the memory plan (printed first in every run) and stop before loading weights",
-    )
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p.add_argument(
@@ -815,6 +842,8 @@ def main(argv=None):
         train(a)
     except data.UserError as e:  # the user's to fix: the message alone, exit 1
         runtime.stop(e)
+    finally:
+        runtime.cleanup()  # the signal handlers and --out's lock
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 checkpoints checked before anything heavy loads, errors that stop every process together,
 checkpoints written so that a crash keeps the last one, the log."""
 
+import atexit
+import errno
 import json
 import os
 import resource
 import shutil
+import signal
+import socket
 import sys
 
 import torch
@@ -39,12 +43,26 @@ def agreed(fn, *args):
         return result
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
-    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    failed = list(dict.fromkeys(m for m in messages if m is not None))  # distinct, in rank order
     if failed:
-        rank, message = failed[0]
-        where = "" if all(m == message for _, m in failed) else f"(rank {rank}) "
-        raise agreed_error(where + message)
+        raise agreed_error("\n".join(failed))  # processes that check parts of the data: each's
     return result
+
+
+def fail(messages):
+    if messages:
+        raise data.UserError("\n".join(messages))
+
+
+_cleanups = []  # what a run undoes when it ends (main's finally, or at exit)
+
+
+def cleanup():
+    while _cleanups:
+        _cleanups.pop()()
+
+
+atexit.register(cleanup)
 
 
 def stop(error):
@@ -89,6 +107,36 @@ def check_checkpoint(flag, path, kinds, what):
         raise data.UserError(f"--{flag} {path}: a {kind!r} checkpoint; expected {what}")
 
 
+# The least value of each numeric flag
+NUMERIC_FLAGS = dict(
+    global_batch_size=1,
+    batch_size=1,
+    epochs=1,
+    max_length=2,
+    max_steps=1,
+    save_every=0,
+    workers=0,
+    alpha=0,
+    beta=0,
+    gamma=0,
+    delta=0,
+)
+# What --resume may change: everything else must be what the checkpoint was written with
+MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
+MAY_CHANGE |= {"grad_checkpointing", "fsdp", "images", "out"}
+
+
+def check_resume(a, saved):
+    """--resume with the flags the checkpoint was written with (but MAY_CHANGE)."""
+    differ = [k for k, v in vars(a).items() if k not in MAY_CHANGE and k in saved and saved[k] != v]
+    if differ:
+        was = ", ".join(f"--{k} {saved[k]} (now {getattr(a, k)})" for k in differ)
+        raise data.UserError(
+            f"--resume: the checkpoint in {a.out} was written with {was}; resume with the same "
+            f"flags (these may change: {', '.join('--' + k for k in sorted(MAY_CHANGE))})"
+        )
+
+
 def check_flags(a, world, stage, table):
     """Every user error that the flags alone can show; returns the global batch."""
     if not os.path.isfile(a.data):
@@ -101,7 +149,13 @@ def check_flags(a, world, stage, table):
     for flag, (kinds, what) in CHECKPOINT_FLAGS.items():
         if getattr(a, flag):
             check_checkpoint(flag, getattr(a, flag), kinds, what)
-    global_batch = a.global_batch_size or table["global_batch"]
+    for flag, low in NUMERIC_FLAGS.items():
+        value = getattr(a, flag)
+        if value is not None and value < low:
+            raise data.UserError(f"--{flag} {value}: must be at least {low}")
+    if a.lr is not None and a.lr <= 0:
+        raise data.UserError(f"--lr {a.lr}: must be above 0 (leave it out for Table A9's)")
+    global_batch = table["global_batch"] if a.global_batch_size is None else a.global_batch_size
     if global_batch % (a.batch_size * world):
         raise data.UserError(
             f"--global_batch_size {global_batch} must be a multiple of --batch_size "
@@ -110,9 +164,10 @@ def check_flags(a, world, stage, table):
     if stage["teacher"] != bool(a.teacher):
         need = "needs --teacher DIR" if stage["teacher"] else "takes no --teacher"
         raise data.UserError(f"--stage {a.stage} {need}")
-    if a.resume and not os.path.isfile(os.path.join(a.out, "checkpoint", "train_state.pt")):
-        where = os.path.join(a.out, "checkpoint")
-        raise data.UserError(f"--resume: no checkpoint in {where} to continue from")
+    for flag in ("init", "teacher"):
+        path = getattr(a, flag)
+        if path and os.path.realpath(path) == os.path.realpath(a.out):
+            raise data.UserError(f"--{flag} and --out are both {a.out}: give the stage a new --out")
     if a.fsdp and "RANK" not in os.environ:
         raise data.UserError(
             "--fsdp shards the student over processes: start it with torchrun (train.sh: FSDP=1)"
@@ -211,6 +266,144 @@ def note_chat_formats(s_proc, t_proc, path):
         )
 
 
+# A save writes checkpoint.tmp/, then renames it checkpoint/ (the one before: checkpoint.old/)
+CHECKPOINTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
+COMPLETE = "complete.json"  # written last: {"step": n, "files": {name: bytes}}
+
+
+def checkpoint_problem(path):
+    """None for a complete checkpoint directory; else what is wrong with it."""
+    marker = os.path.join(path, COMPLETE)
+    if not os.path.isfile(marker):
+        return "its save did not finish"
+    for name, size in json.load(open(marker))["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} has {os.path.getsize(file)} bytes where the save wrote {size}"
+    return None
+
+
+def find_checkpoint(out):
+    """The newest complete checkpoint of out, among checkpoint/ and a crash's leftovers."""
+    found, problems = [], []
+    for name in CHECKPOINTS:
+        path = os.path.join(out, name)
+        problem = checkpoint_problem(path) if os.path.isdir(path) else None
+        if problem:
+            problems.append(f"{path}: {problem}")
+        elif os.path.isdir(path):
+            found.append((json.load(open(os.path.join(path, COMPLETE)))["step"], path))
+    if not found:
+        seen = "; ".join(problems) or "none was written"
+        raise data.UserError(
+            f"--resume: no complete checkpoint in {out} ({seen}); start again on a new --out"
+        )
+    return max(found)[1]
+
+
+def claim_out(a, master):
+    """--out belongs to this run: two runs do not write at once (a lock: host and pid, removed at
+    exit), and a new run does not write over another's model, checkpoint or log."""
+    if master:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, "run.lock")
+        me = f"{socket.gethostname()} {os.getpid()}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, pid = (open(path).read().split() + ["", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                raise data.UserError(
+                    f"--out {a.out} is in use by process {pid} on {host} ({path}): wait for that "
+                    f"run, or give another --out (if that process is gone, delete {path})"
+                ) from None
+            os.remove(path)  # left by a run that died on this host: taken over
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, me.encode())
+        os.close(fd)
+        _cleanups.append(lambda: release_out(path, me))
+    names = ("config.json", "log.jsonl", *CHECKPOINTS)
+    held = [n for n in names if os.path.exists(os.path.join(a.out, n))]
+    if held and not a.resume:
+        raise data.UserError(
+            f"--out {a.out} holds another run ({', '.join(held)}): continue it with --resume, or "
+            f"give a new --out (or delete that one)"
+        )
+
+
+def pid_alive(pid):
+    if pid == os.getpid():  # this process's own, left by an earlier run in it (the tests)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_out(path, me):
+    if os.path.isfile(path) and open(path).read() == me:
+        os.remove(path)
+
+
+class Preemption:
+    """SIGTERM (schedulers before a kill), SIGUSR1, SIGINT: the first asks the loop to stop after
+    the current optimizer step, with a checkpoint; a second stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.before = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        _cleanups.append(self.restore)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+        print(
+            f"{self.received}: stopping after this step, with a checkpoint (again: at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def restore(self):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+
+def ignore_signals(worker_id):
+    """A data loader worker's start: the signals are the training process's to act on."""
+    for s in Preemption.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def check_lengths(source, a, chat, samples, rank, world):
+    """Every answer's length (LlavaDataset.check_lengths) with the processor of the checkpoint
+    `source` alone: no weights read."""
+    processor = transformers.AutoProcessor.from_pretrained(source)
+    data.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=chat)
+    ds = data.LlavaDataset(a.data, a.images, processor, chat, a.max_length, samples)
+    ds.check_lengths(rank, world)
+
+
+def readable(load, path, *args):
+    """load(path, ...), or one line naming the checkpoint that did not load (--resume, --init)."""
+    try:
+        return load(path, *args)
+    except data.UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # what a damaged file raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise data.UserError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from None
+
+
 def read_train_state(path):
     """The step, counts, AdamW state and flags of a checkpoint, as tensors and plain values only: a
     pickled object in a file someone shared could run code here, so weights_only refuses it."""
@@ -236,13 +429,26 @@ def save_checkpoint_files(model, processor, out, state_dict=None):
 
 def save_checkpoint(model, processor, state, out, state_dict=None):
     """out/checkpoint/: model + processor (stock from_pretrained loads it) + train_state.pt for
-    --resume. Written beside it and renamed into place: a crash while saving keeps the last one."""
-    final, tmp, old = (
-        os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old")
-    )
+    --resume, and complete.json last (each file's size). Written beside it and renamed into place:
+    a crash while saving keeps the last one, and --resume takes the newest complete one."""
+    final, tmp, old = (os.path.join(out, n) for n in CHECKPOINTS)
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint_files(model, processor, tmp, state_dict)
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    try:
+        save_checkpoint_files(model, processor, tmp, state_dict)
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+        sizes = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            json.dump(dict(step=state["step"], files=sizes), f)
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        raise data.UserError(
+            f"no space left on the device of {out} while writing the checkpoint of step "
+            f"{state['step']}; the last complete one is kept: make space, then --resume"
+        ) from None
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of a crash: older than tmp
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
@@ -289,16 +495,26 @@ def load_optimizer(student, opt, state, fsdp):
 
 
 def open_log(out, resume_step=None):
-    """out/log.jsonl for writing. On resume, the lines a crash logged after the checkpoint's step
-    are dropped, so each step is in the log once."""
+    """out/log.jsonl, appended to. On resume, the lines a crash logged after the checkpoint's step
+    are dropped, so each step is in the log once, and so is a line that a crash cut short."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "log.jsonl")
-    kept = []
     if resume_step is not None and os.path.exists(path):
-        kept = [line for line in open(path) if json.loads(line)["step"] <= resume_step]
-    log = open(path, "w")
-    log.writelines(kept)
-    return log
+        kept, torn = [], 0
+        for line in open(path):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if step <= resume_step:
+                kept.append(line.rstrip("\n") + "\n")
+        if torn:
+            print(f"note: {path}: dropped {torn} line(s) cut short by a crash")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +614,8 @@ def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma):
     shards = world if fsdp else 1
     rows = [
         ("student weights, float32 (vision tower whole)", 4 * rest / shards + 4 * tower, "held"),
-        ("gradients, float32", 4 * trained / shards, "held"),
+        # DDP keeps them in its buckets; otherwise freed after each step, made again in backward
+        ("gradients, float32", 4 * trained / shards, "held" if world > 1 and not fsdp else "step"),
         ("AdamW moments, float32", 8 * trained / shards, "held"),
     ]
     t_hidden = 0

@@ -268,7 +268,7 @@ def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
     )
     with pytest.raises(DataError, match=message) as e:
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
-    assert path in str(e.value) and "1 bad sample" in str(e.value)
+    assert str(e.value).startswith(f"{path}: sample ") and "\n" not in str(e.value)
 
 
 def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
@@ -325,15 +325,37 @@ def test_image_without_tag_is_put_at_the_start_of_the_first_human_turn(toy, tmp_
         )
 
 
-def test_unreadable_image_raises_naming_file_and_id(toy, tmp_path):
+def test_unreadable_images_are_named_by_id_before_and_while_training(toy, tmp_path):
+    """Headers are read with the samples: a file that is no image, or one above PIL's pixel limit.
+    An image whose header is fine but whose pixels are cut short is found when its batch is made:
+    the row carries the error (the loop checkpoints and stops on it)."""
     _, proc = student(toy)
-    path = write(
-        tmp_path, [{"id": "broken", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}]
+    rows = [
+        {"id": f"s{i}", "image": f"{i}.png", "conversations": turns("<image>\nQ?", "A")}
+        for i in range(3)
+    ]
+    path = write(tmp_path, rows)
+    (tmp_path / "0.png").write_bytes(b"not a png")
+    Image.new("1", (20000, 5000)).save(tmp_path / "1.png")  # 100 megapixels: above PIL's 89
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "2.png")
+    with pytest.raises(DataError) as e:
+        data.read_samples(path, str(tmp_path))
+    assert f"sample s0: image file {tmp_path}/0.png cannot be read" in str(e.value)
+    assert f"sample s1: image file {tmp_path}/1.png has 100 megapixels, above PIL's" in str(e.value)
+    assert "s2" not in str(e.value)
+    full = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(full[: len(full) // 2])  # the header survives
+    ds = LlavaDataset(
+        path,
+        str(tmp_path),
+        proc,
+        chat=True,
+        max_length=200,
+        samples=[("s2", str(tmp_path / "2.png"), rows[2]["conversations"])],
     )
-    (tmp_path / "a.png").write_bytes(b"not a png")
-    ds = LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
-    with pytest.raises(DataError, match="sample broken: cannot read image .*a.png"):
-        ds[0]
+    row = ds[0]
+    assert row["error"].startswith(f"{path}: sample s2: cannot decode image {tmp_path}/2.png (")
+    assert collate([row], 0) == {"errors": [row["error"]]}
 
 
 def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):

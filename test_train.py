@@ -295,7 +295,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "parts" / "log.jsonl")]
     assert steps == [1, 2, 3, 4]
-    with pytest.raises(SystemExit, match="another data size, --global_batch_size or --seed"):
+    with pytest.raises(SystemExit, match=r"was written with --seed 0 \(now 1\)"):
         llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--seed", "1", "--resume"))
 
 
@@ -321,11 +321,15 @@ def test_resume_across_an_epoch_boundary_and_refusals(toy, ckpts, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
     other = args(toy, "sft", tmp_path / "parts", *common, "--resume")
     other[other.index("--global_batch_size") + 1] = "8"
-    with pytest.raises(SystemExit, match="another data size, --global_batch_size or --seed"):
+    with pytest.raises(SystemExit, match=r"with --global_batch_size 16 \(now 8\)"):
         llava_kd.main(other)
     path = tmp_path / "parts" / "checkpoint" / "train_state.pt"
     state = torch.load(path, weights_only=True)  # what this program writes loads as plain data
     torch.save(dict(state, hook=os.system), path)  # a shared checkpoint carrying a callable
+    marker = tmp_path / "parts" / "checkpoint" / "complete.json"
+    sizes = json.loads(marker.read_text())
+    sizes["files"]["train_state.pt"] = os.path.getsize(path)  # shared with its sizes matching
+    marker.write_text(json.dumps(sizes))
     with pytest.raises(SystemExit) as e:
         llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "9", "--resume"))
     assert str(e.value).startswith(
@@ -448,7 +452,7 @@ def test_bad_flags_are_refused_with_the_flag_named(toy, ckpts, tmp_path):
         llava_kd.main(
             args(toy, "pt", tmp_path, "--init", str(ckpts / "student"), "--batch_size", "5")
         )
-    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+    with pytest.raises(SystemExit, match="--resume: no complete checkpoint in "):
         llava_kd.main(args(toy, "pt", tmp_path / "new", "--resume"))
 
 

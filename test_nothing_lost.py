@@ -1,0 +1,328 @@
+"""Nothing lost: a preempted run, a crash's leftovers, a torn log, an --out in use, and data or
+flags that would train on nothing are each stopped or recovered, in one line."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+import llava_kd
+from test_train import ROOT, args, changed, finish, processes, start, weights
+
+
+def sft(toy, ckpts, out, *extra):
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1000"]
+    return args(toy, "sft", out, *common, *extra)
+
+
+def refused(argv):
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def logged_steps(out):
+    path = os.path.join(out, "log.jsonl")
+    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+
+
+def stop_after_first_step(procs, out, signum, times=1):
+    """Sends signum to the first of procs once a step is logged; returns each's output."""
+    deadline = time.time() + 120
+    while not logged_steps(out) and time.time() < deadline:
+        time.sleep(0.05)
+    for _ in range(times):
+        procs[-1].send_signal(signum)  # of two processes, the second
+        time.sleep(0.5)  # a signal sent before the last one was handled would merge with it
+    outs = []
+    for p in procs:
+        p.wait(timeout=120)
+        p.log.seek(0)
+        outs.append(p.log.read())
+    return outs
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts, tmp_path, nproc):
+    """SIGTERM (to one process of two: both stop at the same step): the step finishes, a checkpoint
+    of it is written, one line says how to continue, exit 1; --resume then ends where an
+    uninterrupted run does."""
+    parts = tmp_path / "parts"
+    argv = sft(toy, ckpts, parts, "--epochs", "50")
+    if nproc == 2:
+        argv[argv.index("--batch_size") + 1] = "4"
+    procs = processes(*argv, nproc=2) if nproc == 2 else [run(argv)]
+    outs = stop_after_first_step(procs, parts, signal.SIGTERM)
+    assert all(p.returncode == 1 for p in procs), outs
+    step = json.load(open(parts / "checkpoint" / "complete.json"))["step"]
+    assert step == logged_steps(parts)[-1] >= 1  # nothing lost beyond the step under way
+    lines = [x for x in outs[0].splitlines() if x.startswith("error: ")]
+    by = "SIGTERM" if nproc == 1 else "a signal to another process"  # rank 0 prints
+    assert lines == [
+        f"error: stopped by {by} at step {step} of 300; {parts}/checkpoint holds it: continue "
+        f"with the same command and --resume"
+    ], outs
+    assert "Traceback" not in "".join(outs)
+    end = ["--max_steps", str(step + 2)]
+    resumed = [*argv, *end, "--resume"]
+    finish(processes(*resumed, nproc=2) if nproc == 2 else [run(resumed)])
+    llava_kd.main(sft(toy, ckpts, tmp_path / "whole", "--epochs", "50", *end))
+    a, b = weights(tmp_path / "whole"), weights(parts)
+    assert changed(a, weights(ckpts / "student"))
+    for k in a:  # bitwise for one process; two sum their gradients in another order
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0 if nproc == 1 else 1e-6, msg=k)
+    assert logged_steps(parts) == list(range(1, step + 3))
+
+
+def run(argv):
+    return start([sys.executable, "llava_kd.py", *argv])
+
+
+def test_a_second_signal_stops_at_once():
+    """The handler the loop installs: the first signal is noted (the loop stops after its step), a
+    second one kills the process as if nothing were installed."""
+    code = (
+        "import os, signal, time, runtime\n"
+        "p = runtime.Preemption()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+        "print('noted', p.received, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout == "noted SIGTERM\n" and p.returncode == -signal.SIGTERM, p
+
+
+def test_leftover_checkpoints_are_found_and_never_block_a_save(toy, ckpts, tmp_path):
+    """A crash's leftovers: checkpoint.old/ does not block the next save; with checkpoint/ gone,
+    --resume takes the newest complete one of .tmp/ and .old/; a damaged one is refused in one
+    line naming the file; a run without --resume deletes none of them."""
+    out = tmp_path / "run"
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "1", "--save_every", "1"))
+    ckpt = out / "checkpoint"
+    shutil.copytree(ckpt, out / "checkpoint.old")  # as a crash inside a save leaves it
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "2", "--save_every", "1", "--resume"))
+    assert json.load(open(ckpt / "complete.json"))["step"] == 2
+    assert not (out / "checkpoint.old").exists()
+    os.rename(ckpt, out / "checkpoint.tmp")  # the crash came between the two renames
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "3", "--save_every", "1", "--resume"))
+    assert logged_steps(out) == [1, 2, 3]
+    os.rename(ckpt, out / "checkpoint.old")
+    message = refused(sft(toy, ckpts, out, "--max_steps", "4"))  # no --resume: nothing deleted
+    assert (
+        "holds another run (config.json, log.jsonl, checkpoint.old): continue it with --resume"
+        in message
+    )
+    assert (out / "checkpoint.old" / "complete.json").exists()
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "4", "--save_every", "1", "--resume"))
+    assert logged_steps(out) == [1, 2, 3, 4]
+    for name, damage in [("config.json", "missing"), ("model.safetensors", "cut")]:
+        broken = tmp_path / name
+        shutil.copytree(out, broken)
+        file = broken / "checkpoint" / name
+        if damage == "missing":
+            os.remove(file)
+            problem = f"{file} is missing"
+        else:
+            size = os.path.getsize(file)
+            os.truncate(file, size // 2)
+            problem = f"{file} has {size // 2} bytes where the save wrote {size}"
+        message = refused(sft(toy, ckpts, broken, "--max_steps", "5", "--resume"))
+        assert message == (
+            f"error: --resume: no complete checkpoint in {broken} ({broken}/checkpoint: "
+            f"{problem}); start again on a new --out"
+        )
+
+
+def test_a_full_disk_while_saving_says_so_and_keeps_the_last_checkpoint(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "1", "--save_every", "1"))
+    save = torch.save
+
+    def full(obj, f, *a, **kw):
+        if str(f).endswith("train_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full)
+    message = refused(sft(toy, ckpts, out, "--max_steps", "2", "--save_every", "1", "--resume"))
+    assert message.startswith(f"error: no space left on the device of {out} while writing the ")
+    assert json.load(open(out / "checkpoint" / "complete.json"))["step"] == 1
+    assert not (out / "checkpoint.tmp").exists()
+
+
+def test_a_torn_log_line_is_dropped_on_resume(toy, ckpts, tmp_path, capsys):
+    out = tmp_path / "run"
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "2", "--save_every", "1"))
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"loss":')  # a crash (or a full disk) cut the line
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "3", "--save_every", "1", "--resume"))
+    assert (
+        f"note: {out}/log.jsonl: dropped 1 line(s) cut short by a crash" in capsys.readouterr().out
+    )
+    assert logged_steps(out) == [1, 2, 3]
+
+
+def test_out_is_guarded_and_locked(toy, ckpts, tmp_path):
+    out = tmp_path / "run"
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "1"))
+    before = open(out / "log.jsonl").read()
+    message = refused(sft(toy, ckpts, out, "--max_steps", "1"))
+    assert "holds another run (config.json, log.jsonl, checkpoint)" in message
+    assert open(out / "log.jsonl").read() == before  # neither emptied nor appended
+    argv = sft(toy, ckpts, out, "--max_steps", "1")
+    argv[argv.index("--init") + 1] = str(out)
+    assert "--init and --out are both" in refused(argv)
+    # a lock held by a live process on this host refuses; one left by a dead process is taken over
+    fresh = tmp_path / "fresh"
+    os.makedirs(fresh)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (fresh / "run.lock").write_text(f"{socket.gethostname()} {live.pid}")
+    message = refused(sft(toy, ckpts, fresh, "--max_steps", "1"))
+    assert f"--out {fresh} is in use by process {live.pid} on {socket.gethostname()}" in message
+    live.kill()
+    live.wait()
+    llava_kd.main(sft(toy, ckpts, fresh, "--max_steps", "1"))
+    assert not (fresh / "run.lock").exists()  # removed at the end
+
+
+def test_two_runs_on_one_out_at_once_the_second_is_refused(toy, ckpts, tmp_path):
+    out = tmp_path / "run"
+    first = run(sft(toy, ckpts, out, "--epochs", "50"))
+    deadline = time.time() + 120
+    while not (out / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = run(sft(toy, ckpts, out, "--max_steps", "1"))
+    (output,) = stop_after_first_step([second], out, signal.SIGCONT)  # waits for it to end
+    assert second.returncode == 1 and f"--out {out} is in use by process {first.pid}" in output
+    first.kill()
+    first.wait()
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def loaded(*a, **kw):
+        raise AssertionError("weights loaded before the check")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", loaded)
+
+
+def with_sample(toy, tmp_path, **changes):
+    """The toy's sft data with its first sample changed; (json path, that sample's id)."""
+    rows = json.load(open(f"{toy}/data/sft.json"))
+    rows[0].update(changes)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return str(path), rows[0]["id"]
+
+
+def test_data_that_would_train_on_nothing_is_refused_by_id_before_weights_load(
+    toy, ckpts, tmp_path, no_weights
+):
+    argv = sft(toy, ckpts, tmp_path / "out", "--max_length", "30")
+    message = refused(argv)  # every prompt fills 30 tokens: no answer token left
+    assert "sample(s) have no answer token within --max_length 30: sft_0 (needs " in message
+    for changes, problem in [
+        (
+            dict(conversations=[{"from": "human", "value": "Q?"}, {"from": "gpt", "value": " "}]),
+            "an empty answer",
+        ),
+        (
+            dict(
+                conversations=[
+                    {"from": "human", "value": "Q\ud800?"},
+                    {"from": "gpt", "value": "A"},
+                ]
+            ),
+            "text that is not valid Unicode",
+        ),
+        (dict(image="no-such.png"), "image file"),
+    ]:
+        path, sid = with_sample(toy, tmp_path, **changes)
+        argv = sft(toy, ckpts, tmp_path / "out")
+        argv[argv.index("--data") + 1] = path
+        assert f"sample {sid}: {problem}" in refused(argv)
+
+
+def test_answers_cut_short_are_reported_before_weights_load(
+    toy, ckpts, tmp_path, capsys, no_weights
+):
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "red " * 3000}]
+    path, sid = with_sample(toy, tmp_path, conversations=turns)
+    argv = sft(toy, ckpts, tmp_path / "out")
+    argv[argv.index("--data") + 1] = path
+    with pytest.raises(AssertionError, match="weights loaded"):
+        llava_kd.main(argv)
+    assert (
+        f"note: {path}: 1 answer(s) cut short by --max_length 2048 (their end token is not "
+        f"trained), e.g. {sid}"
+    ) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lr", "0"),
+        ("--epochs", "0"),
+        ("--max_steps", "0"),
+        ("--batch_size", "0"),
+        ("--batch_size", "-1"),
+        ("--global_batch_size", "0"),
+        ("--max_length", "0"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_refused(toy, ckpts, tmp_path, no_weights, flag, value):
+    argv = sft(toy, ckpts, tmp_path / "out")
+    argv += [flag, value]
+    message = refused(argv)
+    assert message.startswith(f"error: {flag} {value}") and ": must be " in message
+
+
+def test_resume_with_another_stage_or_lr_is_refused(toy, ckpts, tmp_path):
+    out = tmp_path / "run"
+    llava_kd.main(sft(toy, ckpts, out, "--max_steps", "1", "--save_every", "1"))
+    argv = sft(toy, ckpts, out, "--max_steps", "2", "--resume", "--lr", "5e-3")
+    argv[argv.index("--stage") + 1] = "dft"
+    argv += ["--teacher", str(ckpts / "teacher")]
+    message = refused(argv)
+    assert "--stage sft (now dft)" in message and "--lr 0.001 (now 0.005)" in message
+    assert "--teacher None" in message
+
+
+def test_an_image_that_fails_to_decode_mid_run_leaves_a_checkpoint_and_a_line(toy, ckpts, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(f"{toy}/data/images", images)
+    rows = json.load(open(f"{toy}/data/sft.json"))
+    victim = next(r for r in rows if r.get("image"))
+    file = images / victim["image"]
+    full = file.read_bytes()
+    file.write_bytes(full[: len(full) // 2])  # the header is whole, the pixels are not
+    out = tmp_path / "run"
+    argv = sft(toy, ckpts, out, "--max_steps", "6")
+    argv[argv.index("--images") + 1] = str(images)
+    message = refused(argv)
+    done = logged_steps(out)[-1] if logged_steps(out) else 0
+    assert message.startswith(
+        f"error: {toy}/data/sft.json: sample {victim['id']}: cannot decode image {file} ("
+    )
+    assert message.endswith(
+        f"; {out}/checkpoint holds step {done}: replace the file with a readable image, --resume"
+    )
+    assert json.load(open(out / "checkpoint" / "complete.json"))["step"] == done
+    file.write_bytes(full)
+    llava_kd.main([*argv, "--resume"])
+    assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
