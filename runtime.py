@@ -1,6 +1,6 @@
-"""What a run needs around the method, which a reader beside the paper can skip: flags and
-checkpoints checked before anything heavy loads, errors that stop every process together,
-checkpoints written so that a crash keeps the last one, the log."""
+"""What a run needs around the method, which a reader beside the paper can skip: flags, data and
+checkpoints checked before anything heavy loads, errors that stop every process together, one run
+an --out, checkpoints that a crash or a signal does not lose, the log, the memory plan."""
 
 import atexit
 import errno
@@ -31,7 +31,8 @@ def agreed_error(message):
 
 def agreed(fn, *args):
     """fn(*args) on every process, with no collective inside. A UserError on any process stops them
-    all together: each raises the first process's message, as an agreed error."""
+    all together: each raises every distinct message (processes check parts of the data), in rank
+    order, as an agreed error."""
     result = message = None
     try:
         result = fn(*args)
@@ -45,11 +46,12 @@ def agreed(fn, *args):
     dist.all_gather_object(messages, message)
     failed = list(dict.fromkeys(m for m in messages if m is not None))  # distinct, in rank order
     if failed:
-        raise agreed_error("\n".join(failed))  # processes that check parts of the data: each's
+        raise agreed_error("\n".join(failed))
     return result
 
 
 def fail(messages):
+    """For agreed: this process's messages, as one UserError."""
     if messages:
         raise data.UserError("\n".join(messages))
 
@@ -123,7 +125,7 @@ NUMERIC_FLAGS = dict(
 )
 # What --resume may change: everything else must be what the checkpoint was written with
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-MAY_CHANGE |= {"grad_checkpointing", "fsdp", "images", "out"}
+MAY_CHANGE |= {"grad_checkpointing", "images", "out"}  # not --fsdp: its optimizer state differs
 
 
 def check_resume(a, saved):
