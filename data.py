@@ -100,7 +100,7 @@ def _check(row, i, image_folder, moved, open_image):
             f"sample {sid}: one image per sample is supported ('image' must be one path)"
         )
     path = os.path.join(image_folder, image)
-    if not os.path.isfile(path):
+    if open_image and not os.path.isfile(path):
         raise DataError(
             f"sample {sid}: image file {path} not found (is --images the folder the paths "
             f"in the JSON are relative to?)"

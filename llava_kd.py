@@ -536,12 +536,11 @@ def global_counts(micro, image_id, device, ddp, world):
     return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), count[5] > 0
 
 
-def setup(a, device, cuda, world, master):
+def setup(a, device, cuda, world, rank):
     """Everything a run reads before it trains: flags, data, the checkpoint to resume, the models.
     No collective inside: every process runs it alone (each checks a share of the data), and
     runtime.agreed stops them all on one error."""
     stage = STAGES[a.stage]
-    rank = dist.get_rank() if dist.is_initialized() else 0
     global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
     samples = data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch:
@@ -550,14 +549,14 @@ def setup(a, device, cuda, world, master):
             f"lower --global_batch_size"
         )
     if not a.plan:
-        runtime.claim_out(a, master)
+        runtime.claim_out(a, rank == 0)
     ckpt = runtime.find_checkpoint(a.out) if a.resume else None
     source = ckpt or a.init
     # the memory plan, from the configs alone: it stops a run that would not fit before it loads
     student = runtime.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
-    runtime.check_memory(a, world, device, student, teacher, master)
+    runtime.check_memory(a, world, device, student, teacher, rank == 0)
     if a.plan:
         return None
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
@@ -604,7 +603,7 @@ def train(a):
     world = dist.get_world_size() if ddp else 1
     master = rank == 0
     # flags and every sample first: a typo costs seconds, not a teacher's loading time
-    ready = runtime.agreed(setup, a, device, cuda, world, master)
+    ready = runtime.agreed(setup, a, device, cuda, world, rank)
     if ready is None:  # --plan: printed, nothing loaded
         if ddp:
             dist.destroy_process_group()
@@ -829,6 +828,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")
+    p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p.add_argument(

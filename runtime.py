@@ -125,7 +125,8 @@ NUMERIC_FLAGS = dict(
 )
 # What --resume may change: everything else must be what the checkpoint was written with
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-MAY_CHANGE |= {"grad_checkpointing", "images", "out"}  # not --fsdp: its optimizer state differs
+MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out"}  # not --fsdp: its AdamW state
+# is saved keyed otherwise
 
 
 def check_resume(a, saved):
@@ -709,7 +710,7 @@ def check_memory(a, world, device, student, teacher, master):
             f"plan: {need / 2**30:.2f} GiB a process ({mode}, checkpointing {ckpt}) of "
             f"{limit / 2**30:.1f} GiB ({where}device memory)"
         )
-    if need <= limit:
+    if need <= limit or a.ignore_plan:
         return
     # what would fit, in the order that costs least: checkpointing, sharding, a smaller micro-batch
     options = [(a.batch_size, a.fsdp, True)]
@@ -736,5 +737,5 @@ def check_memory(a, world, device, student, teacher, master):
     raise data.UserError(
         f"memory plan: {need / 2**30:.1f} GiB a process ({mode}, checkpointing {ckpt}, "
         f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
-        f"{limit / 2**30:.1f} GiB of the device; {advice}"
+        f"{limit / 2**30:.1f} GiB of the device; {advice} (--ignore_plan runs it anyway)"
     )

@@ -380,3 +380,21 @@ def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
     assert (
         out.shape[1] > inputs["input_ids"].shape[1] and isinstance(text, str) and len(text) > 0
     )  # untrained: any text
+
+
+def test_each_process_checks_the_image_files_of_its_share(tmp_path):
+    """Of 2 processes, each stats and opens the images of every other sample: a missing file is
+    found by the process whose share holds it (runtime.agreed then stops both with its message)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [
+        {
+            "id": f"s{i}",
+            "image": "a.png" if i != 3 else "gone.png",
+            "conversations": turns("Q?", "A"),
+        }
+        for i in range(4)
+    ]
+    path = write(tmp_path, rows)
+    assert len(data.read_samples(path, str(tmp_path), rank=0, world=2)) == 4
+    with pytest.raises(DataError, match="sample s3: image file .*gone.png not found"):
+        data.read_samples(path, str(tmp_path), rank=1, world=2)

@@ -73,6 +73,7 @@ def plan_args(**kw):
         fsdp=False,
         grad_checkpointing=False,
         gamma=0.5,
+        ignore_plan=False,
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -118,6 +119,8 @@ def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, 
     message = refusal(metas, a, 1, one * 1.01, monkeypatch)
     assert "--batch_size 1 (train.sh: BATCH=1) fits" in message, message
     assert "nothing tried fits" in refusal(metas, a, 1, one * 0.5, monkeypatch)
+    a.ignore_plan = True  # the user's word against the plan's
+    runtime.check_memory(a, 1, torch.device("cpu"), *metas, master=False)
 
 
 def test_plan_prints_before_any_weight_loads(toy, ckpts, tmp_path, monkeypatch, capsys):
