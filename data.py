@@ -294,7 +294,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
             shift = self.n_image_tokens - 1 if image is not None else 0  # <image> -> n tokens
             answer = [j + shift for j, label in enumerate(labels) if label != IGNORE]
-            if answer[0] >= self.max_length:
+            if not answer:  # a template that marks no answer
+                refused.append(f"{sid} (no answer token at all)")
+            elif answer[0] >= self.max_length:
                 refused.append(f"{sid} (needs {answer[0] + 1})")
             elif answer[-1] >= self.max_length:
                 cut.append(sid)
