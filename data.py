@@ -262,23 +262,19 @@ class LlavaDataset(torch.utils.data.Dataset):
     checks the data before loading any weights); otherwise the file is read and checked here."""
 
     def __init__(self, json_path, image_folder, processor, chat, max_length, samples=None):
-        self.json_path, self.image_folder, self.chat, self.max_length = (
-            json_path,
-            image_folder,
-            chat,
-            max_length,
-        )
+        self.json_path = json_path
+        self.chat = chat
+        self.max_length = max_length
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
         self.n_image_tokens = image_seq_length(processor)
         self.template = (
             processor.chat_template or self.tok.chat_template
-        )  # what the saved processor renders
+        )  # what the processor renders
         if chat and not self.template:
             raise DataError(
                 f"{json_path}: sft/dft render conversations with the model's chat template, and "
-                f"its "
-                f"processor and tokenizer have none"
+                f"its processor and tokenizer have none"
             )
         self.rows = read_samples(json_path, image_folder) if samples is None else samples
 
@@ -325,9 +321,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             for j, c in enumerate(conv)
         ]
         text, spans = render(self.tok, self.template, msgs), []
-        for j in range(
-            1, len(msgs), 2
-        ):  # character span of each assistant answer and its end-of-turn token
+        # the character span of each assistant answer and its end-of-turn token
+        for j in range(1, len(msgs), 2):
             start = len(render(self.tok, self.template, msgs[:j], generation_prompt=True))
             upto = render(self.tok, self.template, msgs[: j + 1])
             if not text.startswith(upto):
@@ -346,9 +341,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         sid, image, conv = self.rows[i]
         ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
         pixel_values = None
-        if (
-            image is not None
-        ):  # one <image> token -> n_image_tokens of them, never cut by truncation
+        # one <image> token -> n_image_tokens of them, never cut by truncation
+        if image is not None:
             k, n = ids.index(self.image_token_id), self.n_image_tokens
             if k + n >= self.max_length:
                 raise DataError(
@@ -363,13 +357,11 @@ class LlavaDataset(torch.utils.data.Dataset):
             except (OSError, Image.DecompressionBombError) as e:  # the header was fine
                 error = f"{self.json_path}: sample {sid}: cannot decode image {image} ({e})"
                 return {"id": sid, "error": error}  # the loop saves a checkpoint and stops
-            pixel_values = self.processor.image_processor(img, return_tensors="pt")["pixel_values"][
-                0
-            ]
-        ids, labels = (
-            ids[: self.max_length],
-            labels[: self.max_length],
-        )  # truncation cuts text from the end
+            processed = self.processor.image_processor(img, return_tensors="pt")
+            pixel_values = processed["pixel_values"][0]
+        # truncation cuts text from the end
+        ids = ids[: self.max_length]
+        labels = labels[: self.max_length]
         return {
             "id": sid,
             "input_ids": torch.tensor(ids),
@@ -393,11 +385,9 @@ def collate(rows, pad_token_id):
     }
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
-        out["input_ids"][b, :n], out["labels"][b, :n], out["attention_mask"][b, :n] = (
-            r["input_ids"],
-            r["labels"],
-            1,
-        )
+        out["input_ids"][b, :n] = r["input_ids"]
+        out["labels"][b, :n] = r["labels"]
+        out["attention_mask"][b, :n] = 1
     images = [r["pixel_values"] for r in rows if r["pixel_values"] is not None]
     out["pixel_values"] = torch.stack(images) if images else None
     out["errors"] = []
