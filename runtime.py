@@ -462,7 +462,7 @@ def publish(out):
     """The stage's output: the last checkpoint's model and processor, loadable from out itself."""
     ckpt = os.path.join(out, "checkpoint")
     for name in os.listdir(ckpt):
-        if name != "train_state.pt":
+        if name not in ("train_state.pt", COMPLETE):  # what --resume alone reads
             shutil.copy(os.path.join(ckpt, name), os.path.join(out, name))
 
 

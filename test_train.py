@@ -402,6 +402,8 @@ def test_each_stage_trains_its_parts_and_writes_a_stock_checkpoint(toy, ckpts, t
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
     assert all((r["L_vis"] > 0) == llava_kd.STAGES[stage]["teacher"] for r in log)
+    # beside the model: its log and checkpoint, no lock (the run ended) and no resume marker
+    assert not {"run.lock", "complete.json", "train_state.pt"} & set(os.listdir(tmp_path))
 
 
 def test_ablation_flags_turn_terms_off(toy, ckpts, tmp_path):
