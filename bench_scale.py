@@ -1,6 +1,7 @@
 """Peak memory and seconds a step of each stage at the paper's widths, through `llava_kd.py train`.
 
-    python bench_scale.py [--layers 2] [--batch 2] [--steps 1] [--stages sft dpt dft] [--dir DIR]
+    python bench_scale.py [--layers 2] [--batch 2] [--steps 2] [--stages sft dpt dft] [--dir DIR]
+    python bench_scale.py --plan_table  # the memory plan of the real recipe's stages, no run
     python bench_scale.py --stages dft --nproc 2 [--fsdp]  # DDP or FSDP2, 2 processes (torchrun)
     python bench_scale.py --student 1.8b ...  # LLaVA-KD-2B's student: Qwen1.5-1.8B, untied head
 
@@ -11,8 +12,10 @@ or --student 1.8b: Qwen1.5-1.8B (2048 wide, untied), vocabulary 151936 with Qwen
 sample: one 384px image and ~750 text tokens (~1,500 tokens). Peak memory is the training process's
 peak RSS on a CPU (float32) and torch.cuda.max_memory_allocated on a GPU (bf16 autocast, teacher in
 bf16), as `llava_kd.py train` logs it, with the student's trained parameters + gradients + AdamW
-state held by one process (trained_gib: its shards under FSDP). The check printed last: peak(dft) <=
-peak(sft) + the teacher's parameter bytes + 0.25 x the student's float32 logits of one micro-batch.
+state held by one process (trained_gib: its shards under FSDP), beside the total the run's memory
+plan printed, each with and without --grad_checkpointing (--checkpointing). The check printed last:
+peak(dft) <= peak(sft) + the teacher's parameter bytes + 0.25 x the student's float32 logits of one
+micro-batch.
 """
 
 import argparse

@@ -517,6 +517,7 @@ def global_counts(micro, image_id, device, ddp, world):
     rows = []
     for b in micro:
         if b["errors"]:  # an image did not decode: nothing else in it
+            rows.append([0] * 5 + [len(b["errors"])])
             continue
         visual = b["input_ids"] == image_id
         labels, attention = b["labels"], b["attention_mask"]
@@ -528,12 +529,11 @@ def global_counts(micro, image_id, device, ddp, world):
             attention,
         )
         rows.append([int(m.sum()) for m in kinds] + [0])
-    rows += [[0] * 5 + [len(b["errors"])] for b in micro if b["errors"]]
     count = torch.tensor(rows, dtype=torch.float64).sum(0).to(device)
     if ddp:
         dist.all_reduce(count)
     # / world: DDP and FSDP average the gradients over the processes
-    return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), count[5] > 0
+    return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), bool(count[5])
 
 
 def setup(a, device, cuda, world, rank):

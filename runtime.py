@@ -628,8 +628,8 @@ def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma):
         gram = 4 * t_hidden**2 if gamma else 0  # W_t^T W_t for L_rel, fixed for the run
         rows.append(("teacher, frozen (the tower is the student's)", size * frozen, "held"))
         rows.append(("teacher's W_t^T W_t", gram, "held"))
-    runtime = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
-    rows.append((*runtime, "held"))
+    base = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
+    rows.append((*base, "held"))
     # FSDP2: the root group whole through forward and backward, two layers gathered at a time
     gathered = size * (2 * root + 2 * layer) if fsdp else 0
     rows.append(("FSDP2's gathered parameters", gathered, "forward"))
