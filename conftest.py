@@ -8,10 +8,14 @@ os.environ.setdefault(
     "OMP_NUM_THREADS", "1"
 )  # tiny models: a second thread only spins, beside the recipe's processes
 import pytest  # noqa: E402
+import tqdm  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
+# no tqdm monitor thread: test_train.Forked forks this process, and a lock that the thread held at
+# that moment would stay held in the child
+tqdm.tqdm.monitor_interval = 0
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +42,11 @@ def ckpts(toy, tmp_path_factory):
         model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
         runtime.save_checkpoint_files(model, proc, out / name)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """test_recipe.py's test last: its train.sh (the fixture below) runs beside all the others."""
+    items.sort(key=lambda item: item.module.__name__ == "test_recipe")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,8 @@ import torch
 import transformers
 
 import llava_kd
-from test_train import ROOT, args, changed, finish, processes, start, weights
+import runtime
+from test_train import args, changed, ended, finish, launch, processes, weights
 
 
 def sft(toy, ckpts, out, *extra):
@@ -45,12 +46,7 @@ def stop_after_first_step(procs, out, signum, times=1):
     for _ in range(times):
         procs[-1].send_signal(signum)  # of two processes, the second
         time.sleep(0.5)  # a signal sent before the last one was handled would merge with it
-    outs = []
-    for p in procs:
-        p.wait(timeout=120)
-        p.log.seek(0)
-        outs.append(p.log.read())
-    return outs
+    return ended(procs, timeout=120)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -62,7 +58,7 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     argv = sft(toy, ckpts, parts, "--epochs", "50")
     if nproc == 2:
         argv[argv.index("--batch_size") + 1] = "4"
-    procs = processes(*argv, nproc=2) if nproc == 2 else [run(argv)]
+    procs = processes(*argv, nproc=2) if nproc == 2 else [launch(argv)]
     outs = stop_after_first_step(procs, parts, signal.SIGTERM)
     assert all(p.returncode == 1 for p in procs), outs
     step = json.load(open(parts / "checkpoint" / "complete.json"))["step"]
@@ -76,7 +72,7 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     assert "Traceback" not in "".join(outs)
     end = ["--max_steps", str(step + 2)]
     resumed = [*argv, *end, "--resume"]
-    finish(processes(*resumed, nproc=2) if nproc == 2 else [run(resumed)])
+    finish(processes(*resumed, nproc=2) if nproc == 2 else [launch(resumed)])
     llava_kd.main(sft(toy, ckpts, tmp_path / "whole", "--epochs", "50", *end))
     a, b = weights(tmp_path / "whole"), weights(parts)
     assert changed(a, weights(ckpts / "student"))
@@ -85,24 +81,24 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     assert logged_steps(parts) == list(range(1, step + 3))
 
 
-def run(argv):
-    return start([sys.executable, "llava_kd.py", *argv])
-
-
 def test_a_second_signal_stops_at_once():
     """The handler the loop installs: the first signal is noted (the loop stops after its step), a
     second one kills the process as if nothing were installed."""
-    code = (
-        "import os, signal, time, runtime\n"
-        "p = runtime.Preemption()\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(0.5)\n"
-        "print('noted', p.received, flush=True)\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(5)\n"
-    )
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert p.stdout == "noted SIGTERM\n" and p.returncode == -signal.SIGTERM, p
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child ends by the second signal, or else here
+        try:
+            p = runtime.Preemption()
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.write(write, f"noted {p.received}".encode())
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 100) == b"noted SIGTERM"
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGTERM
 
 
 def test_leftover_checkpoints_are_found_and_never_block_a_save(toy, ckpts, tmp_path):
@@ -202,11 +198,11 @@ def test_out_is_guarded_and_locked(toy, ckpts, tmp_path):
 
 def test_two_runs_on_one_out_at_once_the_second_is_refused(toy, ckpts, tmp_path):
     out = tmp_path / "run"
-    first = run(sft(toy, ckpts, out, "--epochs", "50"))
+    first = launch(sft(toy, ckpts, out, "--epochs", "50"))
     deadline = time.time() + 120
     while not (out / "run.lock").exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = run(sft(toy, ckpts, out, "--max_steps", "1"))
+    second = launch(sft(toy, ckpts, out, "--max_steps", "1"))
     (output,) = stop_after_first_step([second], out, signal.SIGCONT)  # waits for it to end
     assert second.returncode == 1 and f"--out {out} is in use by process {first.pid}" in output
     first.kill()

@@ -4,10 +4,13 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 
 import pytest
 import torch
@@ -51,13 +54,74 @@ def changed(a, b):
     return {k for k in a if not torch.equal(a[k], b[k])}
 
 
-def start(
-    cmd, env=None
-):  # output to a file: a pipe that nobody reads while another process is awaited can fill
+def start(cmd, env=None):
+    """A command's process, its output in a file (a pipe nobody reads while another process is
+    awaited can fill)."""
     log = tempfile.TemporaryFile("w+")
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     p.log = log
     return p
+
+
+class Forked:
+    """`python llava_kd.py argv` with the variables env, as a process forked from this one: what a
+    new interpreter adds is its imports of torch and transformers (~8 s of CPU a process on a CI
+    machine; where the command line itself is tested, test_errors.py, train.sh and the two-node test
+    start one). Popen's pid, wait, send_signal, kill and returncode; the output in .log."""
+
+    def __init__(self, argv, env):
+        self.log = tempfile.TemporaryFile("w+")
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.child(argv, env)
+
+    def child(self, argv, env):
+        code = 1
+        try:
+            os.environ.update(env)
+            os.dup2(self.log.fileno(), 1)
+            os.dup2(self.log.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = sys.stdout
+            llava_kd.main(argv)
+            code = 0
+        except SystemExit as e:  # as the interpreter ends on one: a message is printed, exit 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+
+    def wait(self, timeout=None):
+        deadline = time.time() + (timeout or math.inf)
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"llava_kd.py still running after {timeout} s")
+            else:
+                time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def launch(argv, env=None):
+    """llava_kd.py argv in a new process: forked (above), or where this process has started CUDA
+    (a forked child cannot), a new interpreter."""
+    if torch.cuda.is_initialized():
+        return start([sys.executable, "llava_kd.py", *argv], dict(os.environ, **(env or {})))
+    return Forked(argv, env or {})
 
 
 def torchrun(*argv, nproc=2, extra=()):
@@ -77,32 +141,35 @@ def torchrun(*argv, nproc=2, extra=()):
 
 
 def processes(*argv, nproc=2):
-    """nproc processes of `llava_kd.py argv` with the variables torchrun gives its workers, without
-    torchrun's own process: its start-up is all it would add here (train.sh, the two-node test and
-    test_errors.py run torchrun)."""
+    """nproc processes of `llava_kd.py argv` (launch) with the variables torchrun gives its
+    workers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = dict(
-        os.environ,
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=port,
         WORLD_SIZE=str(nproc),
         LOCAL_WORLD_SIZE=str(nproc),
     )
-    return [
-        start([sys.executable, "llava_kd.py", *argv], dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-        for r in range(nproc)
-    ]
+    return [launch(argv, dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
 
 
-def finish(*runs):  # each process's output
+def ended(procs, timeout=300):
+    """Each process's output, once it has ended."""
     outs = []
-    for p in [p for run in runs for p in run]:
-        p.wait(timeout=300)
+    for p in procs:
+        p.wait(timeout)
         p.log.seek(0)
         outs.append(p.log.read())
-        assert p.returncode == 0, outs[-1][-3000:]
+    return outs
+
+
+def finish(*runs):  # each process's output; each ended well
+    procs = [p for run in runs for p in run]
+    outs = ended(procs)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
     return outs
 
 
