@@ -64,10 +64,10 @@ def start(cmd, env=None):
 
 
 class Forked:
-    """`python llava_kd.py argv` with the variables env, as a process forked from this one: what a
-    new interpreter adds is its imports of torch and transformers (~8 s of CPU a process on a CI
-    machine; where the command line itself is tested, test_errors.py, train.sh and the two-node test
-    start one). Popen's pid, wait, send_signal, kill and returncode; the output in .log."""
+    """`python llava_kd.py argv` with env's variables, in a process forked from this one: all a new
+    interpreter would add is its imports of torch and transformers, ~8 s of CPU a process here
+    (test_errors.py, train.sh and the two-node test start the command line itself). Popen's pid,
+    wait, send_signal, kill and returncode; the output in .log."""
 
     def __init__(self, argv, env):
         self.log = tempfile.TemporaryFile("w+")
