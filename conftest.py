@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
-os.environ.setdefault(
-    "OMP_NUM_THREADS", "1"
-)  # tiny models: a second thread only spins, beside the recipe's processes
+# tiny models: a second thread only spins, beside the recipe's processes
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import tqdm  # noqa: E402
 import transformers  # noqa: E402

@@ -167,9 +167,8 @@ def image_processor(src, aspect, vision, path=None):
             for k in ("size", "image_mean", "image_std", "resample", "crop_size", "rescale_factor")
             if d.get(k)
         }
-        kw["do_center_crop"] = bool(
-            d.get("do_center_crop")
-        )  # absent (SigLIP) is no crop, not LLaVA's 224 default
+        # absent (SigLIP) is no crop, not LLaVA's 224 default
+        kw["do_center_crop"] = bool(d.get("do_center_crop"))
     elif vision.model_type in ("siglip_vision_model", "siglip"):  # SigLIP: resize, [-1, 1]
         side = vision.image_size
         kw = dict(
@@ -189,9 +188,8 @@ def image_processor(src, aspect, vision, path=None):
             f"{src}: image_aspect_ratio {aspect!r} cannot be expressed by a LLaVA processor "
             f"(only 'square' and 'pad')"
         )
-    return transformers.LlavaImageProcessorPil(
-        do_pad=aspect == "pad", **kw
-    )  # PIL's resize, as TinyLLaVA's
+    # PIL's resize, as TinyLLaVA's
+    return transformers.LlavaImageProcessorPil(do_pad=aspect == "pad", **kw)
 
 
 def refuse(src, cfg, state, tok, template):
@@ -223,9 +221,8 @@ def refuse(src, cfg, state, tok, template):
 def convert(src, out, image_processor_dir=None, template=None):
     cfg = json.load(open(os.path.join(src, "config.json")))
     split = all(os.path.isdir(os.path.join(src, part)) for part in PARTS)
-    template = template or (
-        "pretrain" if split else "phi"
-    )  # the pretrain stage saves split folders
+    # the pretrain stage saves split folders
+    template = template or ("pretrain" if split else "phi")
     tok = transformers.AutoTokenizer.from_pretrained(src)
     source = read_source(src)
     problem = refuse(src, cfg, source, tok, template)
@@ -254,9 +251,8 @@ def convert(src, out, image_processor_dir=None, template=None):
         emb.dtype,
         next(v.dtype for k, v in state.items() if k.startswith("model.vision_tower.")),
     )
-    clip = (
-        vision.model_type == "clip_vision_model"
-    )  # "patch" drops CLIP's CLS: all n^2 patches stay
+    # "patch" drops CLIP's CLS: all n^2 patches stay
+    clip = vision.model_type == "clip_vision_model"
     config = transformers.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -267,9 +263,8 @@ def convert(src, out, image_processor_dir=None, template=None):
         tie_word_embeddings=text.tie_word_embeddings,
     )
     model = transformers.LlavaForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(
-        state, strict=False, assign=True
-    )  # the source's tensors, as they are
+    # the source's tensors, as they are
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and text.tie_word_embeddings)]
     if missing or unexpected:
         raise SystemExit(
@@ -310,9 +305,8 @@ def convert(src, out, image_processor_dir=None, template=None):
         max((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)
     ).split(".")[1]
     json.dump(saved, open(os.path.join(out, "config.json"), "w"), indent=2)
-    stock = transformers.LlavaForConditionalGeneration.from_pretrained(
-        out, dtype="auto"
-    )  # loads in stock transformers
+    # loads in stock transformers
+    stock = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype="auto")
     transformers.AutoProcessor.from_pretrained(out)
     return stock
 

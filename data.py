@@ -268,9 +268,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
         self.n_image_tokens = image_seq_length(processor)
-        self.template = (
-            processor.chat_template or self.tok.chat_template
-        )  # what the processor renders
+        # what the processor renders
+        self.template = processor.chat_template or self.tok.chat_template
         if chat and not self.template:
             raise DataError(
                 f"{json_path}: sft/dft render conversations with the model's chat template, and "

@@ -102,11 +102,13 @@ def real(toy, tmp_path_factory):
     texts = [
         c["value"] for r in json.load(open(f"{toy}/data/sft.json")) for c in r["conversations"]
     ]
+    # ids 151643, 151644, 151645, as in Qwen1.5
     qwen = [
         "<|endoftext|>",
         "<|im_start|>",
         "<|im_end|>",
-    ]  # ids 151643, 151644, 151645, as in Qwen1.5
+    ]
+    # 26 of 27 layers: -1
     siglip = transformers.SiglipVisionConfig(
         image_size=32,
         patch_size=8,
@@ -114,7 +116,7 @@ def real(toy, tmp_path_factory):
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
-    )  # 26 of 27 layers: -1
+    )
     sig_proc = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
     d = {}
     # llava-hf/llava-interleave-qwen-7b-hf and -0.5b-hf: <image> 151646, text vocabulary 152000, eos
@@ -231,9 +233,8 @@ TYPED = [
 def test_qwen15_student_of_an_interleave_teacher_runs_every_stage_in_the_teachers_format(
     toy, real, tmp_path
 ):
-    T = real[
-        "interleave-7b"
-    ]  # vocabulary 152000; the student's is 151936: compared over the shared 151936
+    # vocabulary 152000; the student's is 151936: compared over the shared 151936
+    T = real["interleave-7b"]
     logs = {
         "dpt": run(
             toy,
@@ -303,15 +304,13 @@ def test_existing_small_llava_gets_dft_only_through_train_sh(toy, real, tmp_path
         f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=400
     )
     text = proc.tokenizer.decode(ds[0]["input_ids"])
-    assert (
-        ds.rows[0][2][0]["value"].replace("<image>\n", "") in text
-    )  # the question's text was rendered
+    # the question's text was rendered
+    assert ds.rows[0][2][0]["value"].replace("<image>\n", "") in text
 
 
 def test_llava15_teacher_teaches_its_own_family_and_refuses_a_qwen_student(toy, real, tmp_path):
-    T = real[
-        "llava-1.5"
-    ]  # CLIP with CLS, "default", layer -2: 16 patches + CLS - CLS = 16 visual tokens
+    # CLIP with CLS, "default", layer -2: 16 patches + CLS - CLS = 16 visual tokens
+    T = real["llava-1.5"]
     run(toy, "dpt", tmp_path / "dpt", "--vision", T, "--llm", real["llama"], "--teacher", T)
     log = run(toy, "dft", tmp_path / "dft", "--init", tmp_path / "dpt", "--teacher", T)
     assert all(r["L_res"] > 0 and r["L_vis"] > 0 for r in log)
@@ -338,9 +337,8 @@ def test_llava15_teacher_teaches_its_own_family_and_refuses_a_qwen_student(toy, 
 
 
 def test_different_chat_formats_are_named_at_start(toy, real, tmp_path, capsys):
-    model, proc = llava_kd.build_student(
-        real["interleave-7b"], real["qwen1.5-0.5b"]
-    )  # Qwen1.5's system turn
+    # Qwen1.5's system turn
+    model, proc = llava_kd.build_student(real["interleave-7b"], real["qwen1.5-0.5b"])
     runtime.save_checkpoint_files(model, proc, tmp_path / "student")
     run(
         toy,
@@ -352,13 +350,14 @@ def test_different_chat_formats_are_named_at_start(toy, real, tmp_path, capsys):
         real["interleave-7b"],
     )
     out = capsys.readouterr().out
+    # after the shared '<|im_start|>'
     assert (
         "chat templates render a conversation differently from character 12: student 'system\\nYou "
         "are a "
         "helpful assistant."
         in out
         and "teacher 'user\\n<image>" in out
-    )  # after the shared '<|im_start|>'
+    )
 
 
 # llava-hf/llava-1.5-7b-hf's own template: typed content, and nothing after an assistant answer
@@ -380,9 +379,8 @@ LLAVA15_HF_TEMPLATE = (
 def test_a_template_with_no_end_of_answer_token_is_refused_for_the_chat_stages(real):
     _, proc = llava_kd.load_llava(real["llava-1.5"])
     proc.chat_template = proc.tokenizer.chat_template = LLAVA15_HF_TEMPLATE
-    data.prepare_chat(
-        proc, transformers.GenerationConfig(), "llava-1.5-hf"
-    )  # pt/dpt: fine, both forms
+    # pt/dpt: fine, both forms
+    data.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf")
     assert (
         proc.apply_chat_template([{"role": "user", "content": "<image>\nQ?"}], tokenize=False)
         == "USER: <image>\nQ? "

@@ -100,9 +100,8 @@ def test_saved_processor_and_tokenizer_render_string_and_typed_content_alike(stu
     for gen in (False, True):
         t = proc.apply_chat_template(typed(conv), add_generation_prompt=gen, tokenize=False)
         assert t == proc.apply_chat_template(string, add_generation_prompt=gen, tokenize=False)
-        assert t == tok.apply_chat_template(
-            string, add_generation_prompt=gen, tokenize=False
-        )  # lmms-eval's call
+        # lmms-eval's call
+        assert t == tok.apply_chat_template(string, add_generation_prompt=gen, tokenize=False)
     assert t.endswith("<|im_start|>user\nWhere is it?<|im_end|>\n<|im_start|>assistant\n")
 
 

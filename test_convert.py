@@ -39,9 +39,8 @@ QWEN2 = dict(
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
-SIGLIP_PROCESSOR = transformers.SiglipImageProcessorPil(
-    size={"height": 32, "width": 32}
-)  # SigLIP's own: no crop key
+# SigLIP's own: no crop key
+SIGLIP_PROCESSOR = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
 CLIP_PROCESSOR = transformers.CLIPImageProcessorPil(
     size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
 )
@@ -95,9 +94,10 @@ def tinyllava_parts(tower="siglip"):
             }
         )
     )
+    # mlp2x_gelu
     connector = torch.nn.Sequential(
         torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32)
-    )  # mlp2x_gelu
+    )
     for p in connector.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return llm, tower, connector
@@ -172,9 +172,8 @@ def tinyllava_pixels(image, processor):
     a square in the mean colour, then resize with PIL's bicubic (CLIP: the shortest edge, then a
     centre crop), scale, normalise."""
     side = max(image.size)
-    square = Image.new(
-        "RGB", (side, side), tuple(int(m * 255) for m in processor.image_mean)
-    )  # expand2square
+    # expand2square
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in processor.image_mean))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     x = torch.tensor(numpy.asarray(square.resize((32, 32), Image.BICUBIC)), dtype=torch.float32)
     mean, std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
@@ -346,9 +345,8 @@ def test_template_prompts_ids_and_where_generation_stops(toy, tmp_path, template
         do_sample=False,
         logits_processor=transformers.LogitsProcessorList([ForceAfter(start, end_id)]),
     )
-    assert (
-        out.shape[1] == start + 2 and out[0, -1] == end_id
-    )  # stopped right after the template's end
+    # stopped right after the template's end
+    assert out.shape[1] == start + 2 and out[0, -1] == end_id
 
 
 @pytest.mark.parametrize("llm_dtype", [torch.float32, torch.bfloat16])
@@ -381,9 +379,8 @@ def test_every_part_keeps_the_sources_dtype(toy, tmp_path, llm_dtype):
         "model.multi_modal_projector.linear_1.weight": connector[0].weight,
     }
     for k, v in src.items():
-        w = (
-            loaded[k][: v.shape[0]] if k.endswith("embed_tokens.weight") else loaded[k]
-        )  # + the <image> row
+        # + the <image> row
+        w = loaded[k][: v.shape[0]] if k.endswith("embed_tokens.weight") else loaded[k]
         assert w.dtype == torch.float32 and torch.equal(w, v.detach().float()), k
 
 
@@ -490,12 +487,10 @@ def test_converted_directory_is_a_teacher_and_an_init_for_the_stages(toy, tmp_pa
     )
     dpt = [json.loads(line) for line in open(tmp_path / "dpt" / "log.jsonl")]
     dft = [json.loads(line) for line in open(tmp_path / "dft" / "log.jsonl")]
-    assert len(dpt) == 2 and all(
-        r["L_res"] > 0 and r["L_vis"] > 0 for r in dpt
-    )  # a new projector: it differs
-    assert (
-        len(dft) == 2 and dft[0]["L_reg"] > 0 and dft[0]["L_res"] < 1e-6
-    )  # its own teacher: KL 0 at the start
+    # a new projector: it differs
+    assert len(dpt) == 2 and all(r["L_res"] > 0 and r["L_vis"] > 0 for r in dpt)
+    # its own teacher: KL 0 at the start
+    assert len(dft) == 2 and dft[0]["L_reg"] > 0 and dft[0]["L_res"] < 1e-6
     _, proc = llava_kd.load_llava(tmp_path / "dpt")
     assert proc.apply_chat_template(
         [{"role": "user", "content": "<image>\nQ?"}], add_generation_prompt=True, tokenize=False

@@ -197,9 +197,8 @@ def test_log_after_a_crash_and_resume_holds_each_step_once(toy, student_dir, tmp
     common = ["--init", student_dir, "--lr", "1e-3", "--save_every", "2", "--teacher", student_dir]
     llava_kd.main(args(toy, tmp_path / "whole") + common + ["--max_steps", "4"])
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
-    llava_kd.main(
-        args(toy, tmp_path / "crash") + common + ["--max_steps", "2"]
-    )  # the checkpoint at step 2
+    # the checkpoint at step 2
+    llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "2"])
     with open(
         tmp_path / "crash" / "log.jsonl", "a"
     ) as f:  # the crashed run got to log step 3, not to save it

@@ -272,10 +272,11 @@ def test_rows_outside_the_mask_do_not_matter_and_get_zero_gradient():
         (relation_loss, visual, visual),
     ):
         s2, t2 = s.detach().clone(), t.clone()
+        # scramble the other rows
         s2[~m], t2[~m] = (
             torch.randn_like(s2[~m]) * 5,
             torch.randn_like(t2[~m]) * 5,
-        )  # scramble the other rows
+        )
         assert fn(s, t, arg).item() == fn(s2, t2, arg).item()
         (g,) = torch.autograd.grad(fn(s, t, arg), s)
         assert (g[~m] == 0).all() and (g[m] != 0).any()
@@ -298,9 +299,8 @@ def test_bfloat16_inputs_are_upcast():
         torch.testing.assert_close(lb, l32, rtol=1e-6, atol=1e-7)
         (gb,), (g32,) = torch.autograd.grad(lb, sb), torch.autograd.grad(l32, s32)
         assert gb.dtype == torch.bfloat16
-        torch.testing.assert_close(
-            gb.float(), g32, rtol=1e-2, atol=1e-4
-        )  # bf16 keeps 8 bits of mantissa
+        # bf16 keeps 8 bits of mantissa
+        torch.testing.assert_close(gb.float(), g32, rtol=1e-2, atol=1e-4)
 
 
 def test_gradcheck_float64():
@@ -322,9 +322,8 @@ def test_relation_loss_scale_invariant_and_any_width():
     s, t, _, visual = logits()
     base = relation_loss(s, t, visual).item()
     assert base > 1e-3
-    assert relation_loss(s * 3.5, t, visual).item() == pytest.approx(
-        base, rel=1e-5
-    )  # R scales by c^2: cos does not
+    # R scales by c^2: cos does not
+    assert relation_loss(s * 3.5, t, visual).item() == pytest.approx(base, rel=1e-5)
     wide = torch.randn(*t.shape[:2], 128) * 2  # e.g. teacher hidden states of another width
     Y = [
         (s[b][visual[b]].double(), wide[b][visual[b]].double())

@@ -77,9 +77,8 @@ def test_build_student_loads_pretrained_parts_and_new_projector(toy):
     )
     assert c.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>")
     v = c.vision_config
-    assert (
-        c.image_seq_length == data.image_seq_length(proc) == (v.image_size // v.patch_size) ** 2
-    )  # no CLS dropped
+    # no CLS dropped
+    assert c.image_seq_length == data.image_seq_length(proc) == (v.image_size // v.patch_size) ** 2
 
 
 def test_loading_fails_loudly_on_missing_or_mis_shaped_weights(toy, tmp_path):
@@ -282,9 +281,8 @@ def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
     with pytest.raises(DataError) as e:
         LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)
     lines = str(e.value).splitlines()
-    assert (
-        "25 bad sample(s)" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1] == "  ..."
-    )  # the first 20 named
+    # the first 20 named
+    assert "25 bad sample(s)" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1] == "  ..."
     assert lines[20] == "  sample b19: empty or missing 'conversations'"
 
 
@@ -377,9 +375,8 @@ def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
     )
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     text = proc.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert (
-        out.shape[1] > inputs["input_ids"].shape[1] and isinstance(text, str) and len(text) > 0
-    )  # untrained: any text
+    # untrained: any text
+    assert out.shape[1] > inputs["input_ids"].shape[1] and isinstance(text, str) and len(text) > 0
 
 
 def test_each_process_checks_the_image_files_of_its_share(tmp_path):

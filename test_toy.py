@@ -22,9 +22,8 @@ def test_linear_probe_reads_what_is_linearly_there_and_nothing_else():
         x[:, 5] > 0
     ).long()  # four classes, each a quadrant of two features
     assert toy_module._linear_probe(x, y, 600) > 0.97
-    noise = torch.randint(
-        0, 4, (900,)
-    )  # labels unrelated to x: held-out accuracy stays near chance (0.25)
+    # labels unrelated to x: held-out accuracy stays near chance (0.25)
+    noise = torch.randint(0, 4, (900,))
     assert toy_module._linear_probe(x, noise, 600) < 0.4
 
 
@@ -51,10 +50,11 @@ def test_probe_scores_every_answer_token_and_every_visual_position(toy, tmp_path
         model.eval(), proc, f"{toy}/data/sft.json", f"{toy}/data/images", scenes
     )
     assert lp.shape == (len(labels), model.config.text_config.vocab_size)
+    # every visual position of every image
     assert visual.shape[:2] == (
         3,
         data.image_seq_length(proc),
-    )  # every visual position of every image
+    )
 
 
 def test_draws_pairs_each_difference_seed_by_seed_and_pools_the_runs(tmp_path):

@@ -197,9 +197,8 @@ def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy,
     two = processes(*run("two", "4"))  # 2 processes x 4 x 2, beside the in-process runs
     llava_kd.main(run("one", "16"))
     llava_kd.main(run("accum", "4"))
-    assert (
-        "(2 x 4 x 2)" in finish(two)[0]
-    )  # rank 0 names the split: 2 processes x 4 x 2 micro-steps
+    # rank 0 names the split: 2 processes x 4 x 2 micro-steps
+    assert "(2 x 4 x 2)" in finish(two)[0]
     one, start = weights(tmp_path / "one"), weights(ckpts / "student")
     assert max((one[k] - start[k]).abs().max() for k in one) > 1e-4  # training moved the weights
     # Adam divides each entry's gradient by its own root mean square, so where a gradient is ~1e-8
@@ -279,9 +278,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's
     # counts
     llava_kd.apply_stage(model, stage)
-    model.model.vision_tower = (
-        teacher.model.vision_tower
-    )  # shared, as load_teacher does (the same weights here)
+    # shared, as load_teacher does (the same weights here)
+    model.model.vision_tower = teacher.model.vision_tower
     counts = [
         float(m.sum())
         for m in (
@@ -346,9 +344,8 @@ def test_lr_follows_table_a9_and_gradients_are_clipped_to_one(toy, ckpts, tmp_pa
     )
     for r, n in zip(log, norms):
         assert n == pytest.approx(min(r["grad_norm"], 1.0), rel=1e-5)
-    assert (
-        max(r["grad_norm"] for r in log) > 1
-    )  # the toy's first steps are clipped: the test sees clipping act
+    # the toy's first steps are clipped: the test sees clipping act
+    assert max(r["grad_norm"] for r in log) > 1
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(toy, ckpts, tmp_path):
@@ -557,9 +554,8 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     runs = [processes(*two("fsdp", "--max_steps", "2", "--fsdp"))]
     if stage == "dft":
         runs.append(processes(*two("parts", "--max_steps", "1", "--fsdp")))
-    llava_kd.main(
-        args(toy, stage, tmp_path / "one", *common, "--max_steps", "2")
-    )  # while those run
+    # while those run
+    llava_kd.main(args(toy, stage, tmp_path / "one", *common, "--max_steps", "2"))
     finish(*runs)
     one, start, fsdp = (
         weights(tmp_path / "one"),
@@ -575,9 +571,8 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
         json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"]
         for d in ("one", "fsdp")
     ]
-    assert (
-        0.45 < held[1] / held[0] < 0.55
-    )  # each of the 2 processes holds half the weights, gradients, AdamW state
+    # each of the 2 processes holds half the weights, gradients, AdamW state
+    assert 0.45 < held[1] / held[0] < 0.55
     if stage == "dft":
         finish(processes(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
         parts = weights(tmp_path / "parts")
@@ -601,9 +596,8 @@ def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts
 
     argv = args(toy, "sft", tmp_path / "two", *common)  # 2 nodes x 1 process x 8 x 1 micro-step
     nodes = [torchrun(*argv, nproc=1, extra=node(r)) for r in (0, 1)]
-    llava_kd.main(
-        args(toy, "sft", tmp_path / "one", *common)
-    )  # 1 process x 8 x 2, while the nodes run
+    # 1 process x 8 x 2, while the nodes run
+    llava_kd.main(args(toy, "sft", tmp_path / "one", *common))
     finish(*nodes)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert changed(one, weights(ckpts / "student"))

@@ -36,13 +36,11 @@ PLACES = ("top left", "top right", "bottom left", "bottom right")
 
 
 def _toy_scene(rng):
-    a, b = (
-        rng.sample(SHAPES, 2),
-        rng.sample(PLACES, 2),
-    )  # two different shapes in two different places
+    shapes = rng.sample(SHAPES, 2)  # two different shapes
+    places = rng.sample(PLACES, 2)  # in two different places
     return [
-        dict(shape=a[i], place=b[i], colour=rng.choice(list(COLOURS)), size=rng.choice(SIZES))
-        for i in (0, 1)
+        dict(shape=s, place=p, colour=rng.choice(list(COLOURS)), size=rng.choice(SIZES))
+        for s, p in zip(shapes, places)
     ]
 
 
@@ -481,9 +479,8 @@ def probe(model_dir, data_json, images, n_scenes=600, seed=0):
     rng = random.Random(seed + 3)
     scenes = [_toy_scene(rng) for _ in range(n_scenes)]
     lp, y, vis = _answer_and_visual_outputs(model, processor, data_json, images, scenes)
-    end = y == processor.tokenizer.convert_tokens_to_ids(
-        "<|im_end|>"
-    )  # the end-of-turn token: always certain
+    # the end-of-turn token: always certain
+    end = y == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     p_label, top1, entropy = (
         lp.gather(1, y[:, None])[:, 0].exp(),
         lp.argmax(-1) == y,
