@@ -311,7 +311,7 @@ def convert(src, out, image_processor_dir=None, template=None):
     return stock
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -327,7 +327,7 @@ def main():
         help="the TinyLLaVA template SRC was trained with (its "
         "config does not say; default: pretrain for split folders, else phi = qwen2_base)",
     )
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     transformers.utils.logging.set_verbosity_error()
     convert(a.src, a.out, a.image_processor, a.template)
     print(

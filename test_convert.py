@@ -4,8 +4,6 @@ TinyLLaVA's semantics."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy
 import pytest
@@ -17,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import convert_tinyllava
 import llava_kd
+from test_train import Forked, ended
 
 SIGLIP = dict(
     model_type="siglip_vision_model",
@@ -386,14 +385,10 @@ def test_every_part_keeps_the_sources_dtype(toy, tmp_path, llm_dtype):
 
 def test_unsupported_sources_are_refused_in_one_line(toy, tmp_path):
     write_tinyllava(tmp_path / "phi2", toy, split=False, head_bias=True)
-    r = subprocess.run(
-        [sys.executable, "convert_tinyllava.py", str(tmp_path / "phi2"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__)),
-    )
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "lm_head.bias" in r.stderr, (
-        r.stderr
+    p = Forked([str(tmp_path / "phi2"), str(tmp_path / "out")], {}, convert_tinyllava.main)
+    (output,) = ended([p])
+    assert p.returncode == 1 and output.strip().count("\n") == 0 and "lm_head.bias" in output, (
+        output
     )
     assert not os.path.exists(tmp_path / "out")
     write_tinyllava(tmp_path / "src", toy, split=False)

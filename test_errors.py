@@ -12,7 +12,7 @@ import transformers
 import llava_kd
 import runtime
 import toy as toy_module
-from test_train import ended, processes
+from test_train import changed, ended, processes, weights
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -193,21 +193,30 @@ def test_the_command_line_prints_one_line_and_no_traceback_once_per_run(toy, stu
     assert ended(two) == [line, ""] and [p.returncode for p in two] == [1, 1]
 
 
-def test_log_after_a_crash_and_resume_holds_each_step_once(toy, student_dir, tmp_path):
+def test_a_crashed_run_resumed_ends_as_an_uninterrupted_one_and_logs_each_step_once(
+    toy, student_dir, tmp_path
+):
+    """Stopped at the checkpoint of step 2 after logging step 3, then resumed: the weights of an
+    uninterrupted run, each step logged once. Resuming with another --seed is refused."""
     common = ["--init", student_dir, "--lr", "1e-3", "--save_every", "2", "--teacher", student_dir]
     llava_kd.main(args(toy, tmp_path / "whole") + common + ["--max_steps", "4"])
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
-    # the checkpoint at step 2
     llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "2"])
-    with open(
-        tmp_path / "crash" / "log.jsonl", "a"
-    ) as f:  # the crashed run got to log step 3, not to save it
+    # the crashed run got to log step 3, not to save it
+    with open(tmp_path / "crash" / "log.jsonl", "a") as f:
         f.write(json.dumps(dict(whole[2], loss=123.0)) + "\n")
     llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "4", "--resume"])
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "crash")
+    assert changed(a, weights(student_dir))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
     resumed = [json.loads(line) for line in open(tmp_path / "crash" / "log.jsonl")]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(whole, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for r, s in zip(whole, resumed):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-6)
+    argv = args(toy, tmp_path / "crash") + common + ["--seed", "1", "--resume"]
+    with pytest.raises(SystemExit, match=r"was written with --seed 0 \(now 1\)"):
+        llava_kd.main(argv)
 
 
 def test_the_no_weights_guard_catches_the_loads_training_makes(
