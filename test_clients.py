@@ -5,12 +5,10 @@ tokenizer's template) and of stopping (generate(..., eos_token_id=tokenizer.eos_
 import json
 
 import pytest
-import torch
 import transformers
 from PIL import Image
 
 import llava_kd
-import runtime
 from data import IGNORE, LlavaDataset
 
 
@@ -55,13 +53,8 @@ def train(toy, stage, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def student_dir(toy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)
-    runtime.save_checkpoint_files(
-        *llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm"), out
-    )
-    return out
+def student_dir(ckpts):  # conftest.py's untrained student
+    return ckpts / "student"
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
-def student_dir(toy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)
-    runtime.save_checkpoint_files(
-        *llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm"), out
-    )
-    return str(out)
+def student_dir(ckpts):  # conftest.py's untrained student
+    return str(ckpts / "student")
 
 
 @pytest.fixture
