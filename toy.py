@@ -3,6 +3,7 @@ path of llava_kd.py runs on a laptop CPU; its eval and its table. Not part of th
 
     python toy.py setup --out runs/toy/setup           # tiny checkpoints + data
     python toy.py eval --model DIR [DIR ...] --data JSON --images DIR [--results F --row NAME ...]
+                       [--prior TRAIN_JSON]  # and first, the question-only prior
     python toy.py table --results F --out table.md
     python toy.py probe --model DIR [DIR ...] --data JSON --images DIR  # what KD could pass on
     python toy.py draws --results RUN/results.jsonl [...]  # TOY_SEED draws side by side
@@ -515,9 +516,8 @@ def question_prior(train_json, test_json):
     for row in json.load(open(train_json)):
         conv = row["conversations"]
         for q, a in zip(conv[::2], conv[1::2]):
-            answers.setdefault(q["value"].replace("<image>\n", ""), collections.Counter())[
-                a["value"]
-            ] += 1
+            question = q["value"].replace("<image>\n", "")
+            answers.setdefault(question, collections.Counter())[a["value"]] += 1
     test = [row["conversations"][:2] for row in json.load(open(test_json))]
 
     def best(q):
@@ -635,13 +635,11 @@ def main(argv=None):
     p.add_argument("--results", help="append {row, seed, accuracy} to this JSON-lines file")
     p.add_argument("--row", nargs="+", help="the table row name of each --model")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser(
-        "prior", help="exact match from the question alone (majority answer in the training rows)"
+    p.add_argument(
+        "--prior",
+        metavar="TRAIN_JSON",
+        help="first, the exact match from the question alone (its majority answer in these rows)",
     )
-    p.add_argument("--train", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--results", required=True)
-    p.add_argument("--row", default="question-only prior (no image)")
     p = sub.add_parser(
         "probe", help="what a model's outputs hold at the answer tokens and at the visual positions"
     )
@@ -675,17 +673,19 @@ def main(argv=None):
                 runtime.check_checkpoint("model", model, *runtime.CHECKPOINT_FLAGS["init"])
         except data.UserError as e:
             raise SystemExit(f"error: {e}") from None
+        if a.prior:
+            acc = question_prior(a.prior, a.data)
+            print(f"question-only prior {acc:.4f} on {a.data}")
+            if a.results:
+                with open(a.results, "a") as f:
+                    row = {"row": "question-only prior (no image)", "seed": 0, "accuracy": acc}
+                    f.write(json.dumps(row) + "\n")
         for model, row in zip(a.model, a.row or a.model):
             acc = evaluate(model, a.data, a.images)
             print(f"exact match {acc:.4f} on {a.data} ({model})")
             if a.results:
                 with open(a.results, "a") as f:
                     f.write(json.dumps({"row": row, "seed": a.seed, "accuracy": acc}) + "\n")
-    elif a.cmd == "prior":
-        acc = question_prior(a.train, a.data)
-        print(f"question-only prior {acc:.4f} on {a.data}")
-        with open(a.results, "a") as f:
-            f.write(json.dumps({"row": a.row, "seed": 0, "accuracy": acc}) + "\n")
     elif a.cmd == "probe":
         for model in a.model:
             print(probe(model, a.data, a.images))

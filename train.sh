@@ -114,8 +114,7 @@ dft_after_sft() {  # DFT on the baseline's PT -> SFT student
 }
 evaluate() {  # the question-only prior and the teacher, or one seed's five students
   if [ "$1" = teacher ]; then
-    $PYTHON toy.py prior --train $T/data/sft.json --data $T/data/test.json --results $OUT/teacher-results.jsonl
-    $EVAL --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
+    $EVAL --prior $T/data/sft.json --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
   else
     local S=$OUT/seed$1
     $EVAL --seed $1 --results $S/results.jsonl --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft \
