@@ -17,7 +17,7 @@ import transformers
 
 import llava_kd
 import runtime
-from test_train import args, changed, ended, finish, launch, processes, weights
+from test_train import Forked, args, changed, ended, finish, launch, processes, weights
 
 
 def sft(toy, ckpts, out, *extra):
@@ -81,24 +81,20 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     assert logged_steps(parts) == list(range(1, step + 3))
 
 
+def signalled_twice(argv):
+    p = runtime.Preemption()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("noted", p.received)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # not reached: the second signal ends the process
+
+
 def test_a_second_signal_stops_at_once():
     """The handler the loop installs: the first signal is noted (the loop stops after its step), a
     second one kills the process as if nothing were installed."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child ends by the second signal, or else here
-        try:
-            p = runtime.Preemption()
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.write(write, f"noted {p.received}".encode())
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read, 100) == b"noted SIGTERM"
-    assert os.waitstatus_to_exitcode(status) == -signal.SIGTERM
+    p = Forked([], {}, signalled_twice)
+    (output,) = ended([p], timeout=60)
+    assert output.splitlines()[-1] == "noted SIGTERM" and p.returncode == -signal.SIGTERM, output
 
 
 def test_leftover_checkpoints_are_found_and_never_block_a_save(toy, ckpts, tmp_path):
