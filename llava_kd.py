@@ -373,14 +373,20 @@ def llava_hidden(model, input_ids, attention_mask, z_v):
     on the image-token positions of the text embeddings, then the LLM runs. The head (logits = h
     W^T) is left to the loss, which applies it a block at a time."""
     embeds = model.get_input_embeddings()(input_ids)
-    if z_v is not None:
-        mask = input_ids == model.config.image_token_id
-        h_v = model.model.multi_modal_projector(z_v)
-        if int(mask.sum()) != h_v.shape[0] * h_v.shape[1]:
-            raise ValueError(f"{int(mask.sum())} image tokens for {tuple(h_v.shape[:2])} features")
-        embeds = embeds.masked_scatter(mask[..., None], h_v.to(embeds.dtype))
+    projector = model.model.multi_modal_projector
+    if z_v is None:  # text only: no features, but the projector stays in the graph (a zero
+        # gradient), so every process's DDP buckets and FSDP2 reduce-scatters hold the same tensors
+        z_v = embeds.new_zeros(0, 0, projector.linear_1.in_features)
+    mask = input_ids == model.config.image_token_id
+    h_v = projector(z_v)
+    if int(mask.sum()) != h_v.shape[0] * h_v.shape[1]:
+        raise ValueError(f"{int(mask.sum())} image tokens for {tuple(h_v.shape[:2])} features")
+    embeds = embeds.masked_scatter(mask[..., None], h_v.to(embeds.dtype))
     llm = model.model.language_model
-    return llm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: else the LLM builds a KV cache of every layer (the model's config.use_cache
+    # does not reach it; text_config's is True), 400 KB a token for Qwen1.5-4B
+    out = llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
 
 
 def llava_logits(model, input_ids, attention_mask, z_v):
@@ -587,7 +593,6 @@ def setup(a, device, cuda, world, rank):
 
 
 def train(a):
-    stage = STAGES[a.stage]
     # DDP, as nanoGPT: torchrun sets RANK; one process a device; NCCL on CUDA, gloo on CPU
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available() and not a.cpu
@@ -611,7 +616,6 @@ def train(a):
     global_batch, state, model, processor, teacher, ds = ready
     apply_stage(model, a.stage)
     model.to(device)
-    model.config.use_cache = False
     # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
     # mode); the vision tower, frozen and shared with the teacher, stays in eval mode as the teacher
     model.train()
@@ -623,12 +627,11 @@ def train(a):
     if a.fsdp:
         student = shard(Student(model, m_t), model, bf16=cuda)
     elif ddp:
-        # text-only micro-batches leave the projector unused: DDP must then look for unused
-        # parameters; the gradients live in DDP's buckets (no second copy)
+        # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
+        # unused ones; the gradients live in DDP's buckets (no second copy)
         student = DDP(
             Student(model, m_t),
             device_ids=[device.index] if cuda else None,
-            find_unused_parameters=stage["chat"],
             gradient_as_bucket_view=True,
         )
     else:

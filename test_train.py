@@ -706,19 +706,54 @@ def test_a_crash_while_saving_keeps_the_last_checkpoint(toy, ckpts, tmp_path, mo
     assert state["step"] == 1
 
 
-def test_a_chat_stage_on_two_processes_with_text_only_micro_batches(toy, ckpts, tmp_path):
-    """sft on 2 processes x 4 x 2 where every micro-batch is text-only: the projector gets no
-    gradient on any process (DDP must be told to look for unused parameters)."""
-    rows = json.load(open(f"{toy}/data/sft.json"))[:32]
-    for row in rows:
-        row.pop("image", None)
-        for turn in row["conversations"]:
+@pytest.mark.parametrize(
+    "stage,fsdp", [("pt", False), ("sft", False), ("sft", True), ("dft", True)]
+)
+def test_a_process_whose_micro_batches_are_all_text_only(toy, ckpts, tmp_path, stage, fsdp):
+    """2 processes x 4 x 2, rank 1 drawing only text-only samples, rank 0 mostly samples with an
+    image: rank 1's micro-batches leave the projector without a use, and DDP's buckets and FSDP2's
+    reduce-scatters must still be the same on both ranks (else gloo: an error; NCCL: a hang). Both
+    processes end; the projector learns from rank 0's images, the LLM from both."""
+    source = "pretrain" if stage == "pt" else "sft"
+    rows = json.load(open(f"{toy}/data/{source}.json"))[:32]
+    sampler = torch.utils.data.DistributedSampler(range(32), 2, 1, shuffle=True, seed=0)
+    for i in list(sampler):  # rank 1's samples of epoch 0, as the loop draws them
+        rows[i].pop("image", None)
+        for turn in rows[i]["conversations"]:
             turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
     (tmp_path / "text.json").write_text(json.dumps(rows))
-    argv = args(toy, "sft", tmp_path / "two", "--init", str(ckpts / "student"), "--max_steps", "2")
+    extra = ["--init", str(ckpts / "student"), "--max_steps", "2", "--lr", "1e-3"]
+    if stage == "dft":
+        extra += ["--teacher", str(ckpts / "teacher")]
+    argv = args(toy, stage, tmp_path / "two", *extra, *(["--fsdp"] if fsdp else []))
     argv[argv.index("--data") + 1] = str(tmp_path / "text.json")
     argv[argv.index("--batch_size") + 1] = "4"
     finish(processes(*argv))
     start, end = weights(ckpts / "student"), weights(tmp_path / "two")
-    llm = [k for k in end if k.startswith("model.language_model.layers.")]
-    assert changed({k: end[k] for k in llm}, {k: start[k] for k in llm})
+    projector = [k for k in end if "multi_modal_projector" in k]
+    assert changed({k: end[k] for k in projector}, {k: start[k] for k in projector})
+    if stage != "pt":
+        llm = [k for k in end if k.startswith("model.language_model.layers.")]
+        assert changed({k: end[k] for k in llm}, {k: start[k] for k in llm})
+
+
+def test_no_kv_cache_is_built_in_a_step(toy, ckpts, tmp_path, monkeypatch):
+    """Neither the teacher's nor the student's forward builds a KV cache (checkpointing off: the
+    student's is not turned off by it): a DynamicCache would hold every layer's keys and values
+    until the forward returns, ~400 KB a token for Qwen1.5-4B."""
+    qwen2 = transformers.models.qwen2.modeling_qwen2
+    made = []
+
+    class Counted(qwen2.DynamicCache):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(qwen2, "DynamicCache", Counted)
+    model = transformers.AutoModelForCausalLM.from_pretrained(f"{toy}/student_llm")
+    model(torch.tensor([[1, 2, 3]]))  # the count is live: a stock forward builds one
+    assert made == [1]
+    made.clear()
+    extra = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher")]
+    llava_kd.main(args(toy, "dft", tmp_path, *extra, "--max_steps", "1"))
+    assert made == []
