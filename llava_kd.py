@@ -353,6 +353,10 @@ def load_teacher(path, student, s_proc, dtype=None, new_student=False):
         s_proc.chat_template = s_proc.tokenizer.chat_template = t_proc.chat_template
         data.prepare_chat(s_proc, student.generation_config, path)
     runtime.note_chat_formats(s_proc, t_proc, path)
+    if teacher.model.vision_tower.dtype != torch.float32:  # the tower as stored, not bf16-rounded:
+        # the student trains beside it and saves it
+        tower = runtime.tower_from_llava(path, teacher.config).eval().requires_grad_(False)
+        teacher.model.vision_tower = tower
     student.model.vision_tower = teacher.model.vision_tower
     return teacher
 
@@ -582,7 +586,6 @@ def setup(a, device, cuda, world, rank):
         dtype = torch.bfloat16 if cuda else torch.float32
         new = source is None
         teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new).to(device)
-        model.model.vision_tower.float()  # the shared tower in the student's dtype, saved with it
     data.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
         a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples

@@ -192,14 +192,15 @@ def loaded(cls, path, **kwargs):
 
 
 def tower_from_llava(path, cfg):
-    """The vision tower of a LLaVA checkpoint, reading only its tensors (the LLM stays on disk)."""
+    """The vision tower of a LLaVA checkpoint in float32, reading only its tensors (the LLM stays on
+    disk)."""
     from safetensors import safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
     files = ["model.safetensors"]
     if os.path.isfile(index):
         files = sorted(set(json.load(open(index))["weight_map"].values()))
-    tower = transformers.AutoModel.from_config(cfg.vision_config)
+    tower = transformers.AutoModel.from_config(cfg.vision_config, dtype=torch.float32)
     state = {}
     # saved as "vision_tower.*" (transformers' older names, still written) or "model.vision_tower.*"
     for name in files:

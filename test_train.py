@@ -757,3 +757,17 @@ def test_no_kv_cache_is_built_in_a_step(toy, ckpts, tmp_path, monkeypatch):
     extra = ["--init", str(ckpts / "student"), "--teacher", str(ckpts / "teacher")]
     llava_kd.main(args(toy, "dft", tmp_path, *extra, "--max_steps", "1"))
     assert made == []
+
+
+def test_the_shared_tower_is_the_stored_float32_one_beside_a_bf16_teacher(ckpts):
+    """On CUDA the teacher loads in bf16; the vision tower it shares with the student (which trains
+    beside it and saves it) stays the float32 one stored in the teacher's checkpoint, bit for bit."""
+    source = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
+    student, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+    teacher = llava_kd.load_teacher(ckpts / "teacher", student, processor, torch.bfloat16)
+    assert teacher.model.language_model.dtype == torch.bfloat16
+    assert student.model.vision_tower is teacher.model.vision_tower
+    shared = student.model.vision_tower.state_dict()
+    for k, v in source.model.vision_tower.state_dict().items():
+        assert shared[k].dtype == torch.float32 and torch.equal(shared[k], v), k
+    assert not any(p.requires_grad for p in shared.values())
