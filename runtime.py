@@ -413,8 +413,9 @@ def read_train_state(path):
     pickled object in a file someone shared could run code here, so weights_only refuses it."""
     try:
         # to the CPU: saved from cuda:0, it would land on cuda:0 on every rank; the optimizer's
-        # load_state_dict moves each tensor beside its parameter
-        return torch.load(path, weights_only=True, map_location="cpu")
+        # load_state_dict moves each tensor beside its parameter. Mapped, not read: the AdamW state
+        # of a 4B model is ~32 GB, and 8 processes share the file's pages
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as e:
         raise data.UserError(
             f"--resume: {path} holds more than tensors and plain values, so it is not loaded "

@@ -771,3 +771,14 @@ def test_the_shared_tower_is_the_stored_float32_one_beside_a_bf16_teacher(ckpts)
     for k, v in source.model.vision_tower.state_dict().items():
         assert shared[k].dtype == torch.float32 and torch.equal(shared[k], v), k
     assert not any(p.requires_grad for p in shared.values())
+
+
+def test_resume_maps_the_train_state_instead_of_reading_it(toy, ckpts, tmp_path):
+    """--resume's train_state.pt (the AdamW state: ~32 GB for a 4B model, on each of 8 processes)
+    is mapped from the file, whose pages the processes share, not read into each one's memory."""
+    extra = ["--init", str(ckpts / "student"), "--max_steps", "1"]
+    llava_kd.main(args(toy, "sft", tmp_path, *extra))
+    path = str(tmp_path / "checkpoint" / "train_state.pt")
+    state = runtime.read_train_state(path)
+    assert state["step"] == 1 and state["optimizer"]["state"]
+    assert path in open("/proc/self/maps").read()
