@@ -15,7 +15,6 @@ templates are in data.py; flags, checkpoints and errors in runtime.py; the toy i
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import math
@@ -603,10 +602,7 @@ def train(a):
     if cuda:
         torch.cuda.set_device(device)
     if ddp:
-        # rank 0 may write a checkpoint for many minutes (a 4B model: ~47 GB) while the others wait
-        # at a barrier: longer than NCCL's default 10 minutes
-        timeout = datetime.timedelta(hours=2)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        runtime.init_distributed(cuda)
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
     master = rank == 0
@@ -687,20 +683,19 @@ def train(a):
 
     def checkpoint(done):
         """out/checkpoint after `done` steps (under FSDP every process gathers the full state)."""
-        weights_and_opt = runtime.full_state(student, opt) if a.fsdp else (None, opt.state_dict())
-        if master:
-            full_weights, opt_state = weights_and_opt
-            state = dict(
-                step=done,
-                total=total,
-                global_batch=global_batch,
-                seed=a.seed,
-                optimizer=opt_state,
-                args=vars(a),
-            )
-            runtime.save_checkpoint(model, processor, state, a.out, full_weights)
-        if ddp:
-            dist.barrier()  # nobody runs ahead of a checkpoint being written
+        full_weights, opt_state = runtime.full_state(student, opt) if a.fsdp else (None, None)
+        state = dict(
+            step=done,
+            total=total,
+            global_batch=global_batch,
+            seed=a.seed,
+            optimizer=opt_state if a.fsdp else opt.state_dict(),
+            args=vars(a),
+        )
+        # rank 0 writes, the others wait: nobody runs ahead of a checkpoint being written
+        what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
+        save = runtime.save_checkpoint
+        runtime.on_rank0(master, what, save, model, processor, state, a.out, full_weights)
 
     log = None
     if master:

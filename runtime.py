@@ -3,6 +3,7 @@ checkpoints checked before anything heavy loads, errors that stop every process 
 an --out, checkpoints that a crash or a signal does not lose, the log, the memory plan."""
 
 import atexit
+import datetime
 import errno
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import socket
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,19 @@ def agreed_error(message):
     return error
 
 
+_waits = []  # the process group of the long waits (init_distributed)
+
+
+def init_distributed(cuda):
+    """torchrun's process group (NCCL on CUDA, gloo on CPU) with its default timeout (NCCL: 10
+    minutes), so that a dead peer on another node ends a collective in minutes, not hours; and a
+    gloo group for the waits that may be long (every process checking its share of the data, rank 0
+    writing a 4B model's checkpoint: ~47 GB), with a timeout of 2 hours."""
+    dist.init_process_group("nccl" if cuda else "gloo")
+    long = datetime.timedelta(hours=2)
+    _waits.append(dist.new_group(backend="gloo", timeout=long))
+
+
 def agreed(fn, *args):
     """fn(*args) on every process, with no collective inside. A UserError on any process stops them
     all together: each raises every distinct message (processes check parts of the data), in rank
@@ -43,7 +58,7 @@ def agreed(fn, *args):
             raise agreed_error(message)
         return result
     messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
+    dist.all_gather_object(messages, message, group=_waits[-1])
     failed = list(dict.fromkeys(m for m in messages if m is not None))  # distinct, in rank order
     if failed:
         raise agreed_error("\n".join(failed))
@@ -54,6 +69,24 @@ def fail(messages):
     """For agreed: this process's messages, as one UserError."""
     if messages:
         raise data.UserError("\n".join(messages))
+
+
+def on_rank0(master, what, fn, *args):
+    """fn(*args) on rank 0 while the others wait (agreed): an error there stops every process with
+    its line (and rank 0's traceback), instead of leaving them at a barrier."""
+
+    def attempt():
+        if not master:
+            return
+        try:
+            fn(*args)
+        except Exception as e:
+            if isinstance(e, data.UserError) or not dist.is_initialized():
+                raise
+            traceback.print_exc()
+            raise data.UserError(f"rank 0: {type(e).__name__}: {e}, while {what}") from e
+
+    agreed(attempt)
 
 
 _cleanups = []  # what a run undoes when it ends (main's finally, or at exit)
@@ -77,7 +110,7 @@ def stop(error):
     if getattr(error, "agreed", False):
         if rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
-        dist.barrier()
+        dist.barrier(group=_waits[-1])
         dist.destroy_process_group()
         raise SystemExit(1) from None
     raise SystemExit(f"error (rank {rank}): {error}") from None

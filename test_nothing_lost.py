@@ -318,3 +318,32 @@ def test_an_image_that_fails_to_decode_mid_run_leaves_a_checkpoint_and_a_line(to
     file.write_bytes(full)
     llava_kd.main([*argv, "--resume"])
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_rank0_failing_inside_a_save_stops_every_process_with_its_line(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    """Rank 0 writes the checkpoint while the others wait (for up to 2 hours: a 4B model's save).
+    An error there (not a full disk: an I/O error) reaches them at once: every process ends within
+    seconds with exit 1, rank 0's last line names the error, no other process shows a traceback of
+    a broken collective, and the checkpoint before stays whole."""
+    save = runtime.save_checkpoint
+
+    def failing(model, processor, state, out, *rest):
+        if state["step"] == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return save(model, processor, state, out, *rest)
+
+    monkeypatch.setattr(runtime, "save_checkpoint", failing)  # the forked processes inherit it
+    out = tmp_path / "run"
+    argv = sft(toy, ckpts, out, "--save_every", "1", "--max_steps", "3")
+    argv[argv.index("--batch_size") + 1] = "4"
+    procs = processes(*argv)
+    outs = ended(procs, timeout=120)
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert outs[0].splitlines()[-1] == (
+        "error: rank 0: OSError: [Errno 5] Input/output error, while writing the checkpoint of "
+        "step 2 (the last complete one is kept: --resume)"
+    ), outs[0][-2000:]
+    assert "Traceback" not in outs[1], outs[1][-2000:]
+    assert json.load(open(out / "checkpoint" / "complete.json"))["step"] == 1

@@ -761,7 +761,7 @@ def test_no_kv_cache_is_built_in_a_step(toy, ckpts, tmp_path, monkeypatch):
 
 def test_the_shared_tower_is_the_stored_float32_one_beside_a_bf16_teacher(ckpts):
     """On CUDA the teacher loads in bf16; the vision tower it shares with the student (which trains
-    beside it and saves it) stays the float32 one stored in the teacher's checkpoint, bit for bit."""
+    beside it and saves it) stays the float32 one of the teacher's checkpoint, bit for bit."""
     source = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
     student, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
     teacher = llava_kd.load_teacher(ckpts / "teacher", student, processor, torch.bfloat16)
