@@ -525,7 +525,7 @@ def global_counts(micro, image_id, device, ddp, world):
     """
     rows = []
     for b in micro:
-        if b["errors"]:  # an image did not decode: nothing else in it
+        if b["errors"]:  # an image did not decode, or a loader worker died: nothing else in it
             rows.append([0] * 5 + [len(b["errors"])])
             continue
         visual = b["input_ids"] == image_id
@@ -678,7 +678,7 @@ def train(a):
                 num_workers=a.workers,
                 worker_init_fn=runtime.ignore_signals,
             )
-            yield from loader
+            yield from runtime.loader_batches(loader)
             step = (epoch + 1) * steps_per_epoch
 
     def checkpoint(done):
@@ -713,15 +713,19 @@ def train(a):
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, table["warmup_ratio"])
-        micro = [next(batches) for _ in range(accum)]
-        errors = [e for b in micro for e in b["errors"]]
+        micro = runtime.take(batches, accum)
         counts, tokens, failed = global_counts(
             micro, model.config.image_token_id, device, ddp, world
         )
-        if failed:  # an image that did not decode, on any process: stop at the last whole step
-            checkpoint(step)
-            advice = f"; {ckpt} holds step {step}: replace the file with a readable image, --resume"
-            runtime.agreed(runtime.fail, [e + advice for e in errors])
+        if failed:  # an image that did not decode or a dead loader worker, on any process: stop
+            checkpoint(step)  # at the last whole step
+            fix = "replace the file with a readable image, --resume"
+            errors = [
+                f"{e}; {ckpt} holds step {step}: {b.get('fix', fix)}"
+                for b in micro
+                for e in b["errors"]
+            ]
+            runtime.agreed(runtime.fail, errors)
         # the loss, the five terms, and whether a process was asked to stop
         logged = torch.zeros(7, dtype=torch.float64, device=device)
         for i, b in enumerate(micro):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import traceback
 
 import torch
@@ -388,24 +389,32 @@ def release_out(path, me):
 
 
 class Preemption:
-    """SIGTERM (schedulers before a kill), SIGUSR1, SIGINT: the first asks the loop to stop after
-    the current optimizer step, with a checkpoint; a second stops at once."""
+    """SIGTERM (schedulers before a kill), SIGUSR1, SIGINT, SIGHUP (a dropped ssh session), SIGQUIT:
+    the first asks the loop to stop after the current optimizer step, with a checkpoint. One request
+    often arrives twice (SLURM signals every process, and torchrun forwards the same signal a moment
+    later): another signal within REPEAT seconds is that request; a later one stops at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    REPEAT = 60
 
     def __init__(self):
         self.received = None
+        self.at = None
         self.before = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         _cleanups.append(self.restore)
 
     def handle(self, signum, frame):
+        if self.received is not None and time.monotonic() - self.at < self.REPEAT:
+            return
         if self.received is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.received = signal.Signals(signum).name
+        self.at = time.monotonic()
         print(
-            f"{self.received}: stopping after this step, with a checkpoint (again: at once)",
+            f"{self.received}: stopping after this step, with a checkpoint (a signal again after "
+            f"{self.REPEAT} s: at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -419,6 +428,27 @@ def ignore_signals(worker_id):
     """A data loader worker's start: the signals are the training process's to act on."""
     for s in Preemption.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def loader_batches(loader):
+    """The loader's batches. A worker that dies (the host's OOM killer takes them first) is found
+    when its batch is due (the loader checks its workers while it waits), not by torch's SIGCHLD
+    handler, which would raise anywhere in the step; so the loop can stop at the last whole step."""
+    batches = iter(loader)
+    if loader.num_workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield from batches
+
+
+def take(batches, n):
+    """The next n micro-batches, or one that names a dead loader worker as its error."""
+    try:
+        return [next(batches) for _ in range(n)]
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        why = f"{str(e).splitlines()[0]} (if the host ran out of memory: fewer --workers)"
+        return [dict(errors=[why], fix="--resume")]
 
 
 def check_lengths(source, a, chat, samples, rank, world):

@@ -1,6 +1,7 @@
 """Nothing lost: a preempted run, a crash's leftovers, a torn log, an --out in use, and data or
 flags that would train on nothing are each stopped or recovered, in one line."""
 
+import contextlib
 import errno
 import json
 import os
@@ -38,14 +39,15 @@ def logged_steps(out):
     return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
 
 
-def stop_after_first_step(procs, out, signum, times=1):
-    """Sends signum to the first of procs once a step is logged; returns each's output."""
+def stop_after_first_step(procs, out, signum, times=1, gap=0.5):
+    """Sends signum to the last of procs once a step is logged, `times` times `gap` s apart (a
+    signal sent before the last one was handled would merge with it); returns each's output."""
     deadline = time.time() + 120
     while not logged_steps(out) and time.time() < deadline:
         time.sleep(0.05)
     for _ in range(times):
         procs[-1].send_signal(signum)  # of two processes, the second
-        time.sleep(0.5)  # a signal sent before the last one was handled would merge with it
+        time.sleep(gap)
     return ended(procs, timeout=120)
 
 
@@ -81,20 +83,76 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     assert logged_steps(parts) == list(range(1, step + 3))
 
 
-def signalled_twice(argv):
+def signalled_thrice(argv):
     p = runtime.Preemption()
+    p.REPEAT = 1.0
     os.kill(os.getpid(), signal.SIGTERM)
     print("noted", p.received)
+    os.kill(os.getpid(), signal.SIGUSR1)  # within REPEAT of the first: the same request
+    print("still running")
+    time.sleep(1.5)
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)  # not reached: the second signal ends the process
+    time.sleep(5)  # not reached: the third signal ends the process
 
 
-def test_a_second_signal_stops_at_once():
-    """The handler the loop installs: the first signal is noted (the loop stops after its step), a
-    second one kills the process as if nothing were installed."""
-    p = Forked([], {}, signalled_twice)
+def test_a_repeat_is_the_same_request_and_a_later_signal_stops_at_once():
+    """The handler the loop installs: the first signal is noted (the loop stops after its step); a
+    second within REPEAT seconds (a scheduler signalling every process, and torchrun passing the
+    same signal on) is that request; one after REPEAT kills the process as if nothing were
+    installed."""
+    p = Forked([], {}, signalled_thrice)
     (output,) = ended([p], timeout=60)
-    assert output.splitlines()[-1] == "noted SIGTERM" and p.returncode == -signal.SIGTERM, output
+    lines = output.splitlines()
+    assert lines[-2:] == ["noted SIGTERM", "still running"], output
+    assert p.returncode == -signal.SIGTERM, output
+
+
+@pytest.mark.parametrize(
+    "signum,times", [(signal.SIGHUP, 1), (signal.SIGQUIT, 1), (signal.SIGTERM, 2)]
+)
+def test_each_signal_a_scheduler_or_a_shell_sends_checkpoints_once(
+    toy, ckpts, tmp_path, signum, times
+):
+    """SIGHUP (an ssh session that drops) and SIGQUIT stop after the step with a checkpoint, as
+    SIGTERM does; SIGTERM twice in a moment (SLURM signals every process, and torchrun forwards the
+    same signal) is one request: one checkpoint, one line, exit 1."""
+    out = tmp_path / "run"
+    run = [launch(sft(toy, ckpts, out, "--epochs", "50"))]
+    (output,) = stop_after_first_step(run, out, signum, times, gap=0.05)  # within one step
+    step = json.load(open(out / "checkpoint" / "complete.json"))["step"]
+    assert step == logged_steps(out)[-1] >= 1, output
+    name = signal.Signals(signum).name
+    lines = [x for x in output.splitlines() if x.startswith("error: ")]
+    assert lines == [
+        f"error: stopped by {name} at step {step} of 300; {out}/checkpoint holds it: continue "
+        f"with the same command and --resume"
+    ], output
+
+
+def test_a_killed_loader_worker_checkpoints_the_last_whole_step(toy, ckpts, tmp_path):
+    """A data loader worker killed (SIGKILL: the host's OOM killer takes them first) ends the run
+    with a checkpoint of the last whole step and one line naming it; --resume goes on."""
+    out = tmp_path / "run"
+    argv = sft(toy, ckpts, out, "--epochs", "50", "--max_steps", "40")
+    argv[argv.index("--workers") + 1] = "1"
+    p = launch(argv)
+    deadline = time.time() + 120
+    while not logged_steps(out) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
+    assert workers.stdout.split(), "no loader worker found"
+    for pid in workers.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    (output,) = ended([p], timeout=120)
+    assert p.returncode == 1, output
+    step = json.load(open(out / "checkpoint" / "complete.json"))["step"]
+    assert step == logged_steps(out)[-1] < 40, output
+    (line,) = [x for x in output.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: DataLoader worker (pid"), line
+    assert line.endswith(f"fewer --workers); {out}/checkpoint holds step {step}: --resume"), line
+    assert "Traceback" not in output
+    finish([launch([*argv, "--resume"])])
+    assert logged_steps(out) == list(range(1, 41))
 
 
 def test_leftover_checkpoints_are_found_and_never_block_a_save(toy, ckpts, tmp_path):
@@ -347,3 +405,47 @@ def test_rank0_failing_inside_a_save_stops_every_process_with_its_line(
     ), outs[0][-2000:]
     assert "Traceback" not in outs[1], outs[1][-2000:]
     assert json.load(open(out / "checkpoint" / "complete.json"))["step"] == 1
+
+
+def test_train_sh_passes_a_signal_on_to_its_stage(toy, ckpts, tmp_path):
+    """`bash train.sh` as a batch script, signalled alone (scancel --batch, or a scheduler's
+    --signal=B:USR1): bash passes the signal on to the stage it runs (without that, bash would
+    hold it until the stage ended, or die and leave the stage running), which checkpoints the step
+    and stops; train.sh ends with the stage's line and status."""
+    out = tmp_path / "run"
+    env = dict(
+        os.environ,
+        INIT=str(ckpts / "student"),
+        TEACHER=str(ckpts / "teacher"),
+        SFT_DATA=f"{toy}/data/sft.json",
+        SFT_IMAGES=f"{toy}/data/images",
+        OUT=str(out),
+        NGPU="1",
+        BATCH="8",
+        EXTRA="--workers 0 --global_batch_size 16 --epochs 50 --lr 1e-3 --save_every 1000",
+        PYTHON=sys.executable,
+    )
+    root = os.path.dirname(os.path.abspath(__file__))
+    with open(tmp_path / "output.txt", "w") as f:
+        p = subprocess.Popen(
+            ["bash", "train.sh"],
+            cwd=root,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 180
+        while not logged_steps(out / "student-dft") and time.time() < deadline:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGUSR1)  # to bash alone
+        assert p.wait(timeout=120) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a stage left running
+            os.killpg(p.pid, signal.SIGKILL)
+    output = (tmp_path / "output.txt").read_text()
+    stage = out / "student-dft"
+    step = json.load(open(stage / "checkpoint" / "complete.json"))["step"]
+    assert step == logged_steps(stage)[-1] >= 1
+    assert f"error: stopped by SIGUSR1 at step {step} of 300" in output.splitlines()[-1], output

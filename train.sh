@@ -45,7 +45,17 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   elif [ "$WORLD" = 1 ]; then
     launch=$PYTHON  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
   fi
-  $launch llava_kd.py train --stage "$@" $fsdp
+  # in the background, each signal passed on to it: bash, as a batch script, holds a signal until
+  # its foreground child ends (and SIGKILL comes first); the stage takes a repeat as the same request
+  $launch llava_kd.py train --stage "$@" $fsdp &
+  local pid=$! rc s
+  for s in TERM INT HUP QUIT USR1; do trap "kill -s $s $pid 2>/dev/null || true" "$s"; done
+  while :; do  # a signal ends `wait` early (status > 128): wait again until the stage has ended
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - TERM INT HUP QUIT USR1
+  return "$rc"
 }
 
 if [ -n "${INIT:-}" ]; then
