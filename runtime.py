@@ -665,10 +665,11 @@ def activation_bytes(text, batch, length, dtype, checkpointing):
     return layers * layer
 
 
-def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma):
+def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma, per_node=None):
     """Per process: [(what, bytes, when)], when = "held" (the whole run), "forward" (at the end of
     a micro-batch's forward, with one activation row of two: checkpointing off, on) or "step" (the
-    optimizer's). student/teacher: meta models, the student's requires_grad set for the stage."""
+    optimizer's). student/teacher: meta models, the student's requires_grad set for the stage.
+    FSDP2 shards over the processes of a node (per_node; replicated across nodes)."""
     text = student.config.text_config
     D, V = text.hidden_size, text.vocab_size
     tokens = batch * max_length
@@ -679,7 +680,7 @@ def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma):
     layers = student.model.language_model.layers
     layer = numel(layers[0])
     root = rest - len(layers) * layer  # FSDP's root group: embeddings, norm, head, projector
-    shards = world if fsdp else 1
+    shards = min(world, per_node or world) if fsdp else 1
     rows = [
         ("student weights, float32 (vision tower whole)", 4 * rest / shards + 4 * tower, "held"),
         # DDP keeps them in its buckets; otherwise freed after each step, made again in backward
@@ -743,7 +744,10 @@ def check_memory(a, world, device, student, teacher, master):
     limit = device_bytes(device)
 
     def total(batch, fsdp, checkpointing):
-        rows = memory_plan(student, teacher, batch, a.max_length, world, cuda, fsdp, a.gamma)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        rows = memory_plan(
+            student, teacher, batch, a.max_length, world, cuda, fsdp, a.gamma, per_node
+        )
         return rows, plan_total(rows, checkpointing)
 
     ddp, _ = total(a.batch_size, False, False)

@@ -590,6 +590,38 @@ def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
 
 
+def test_two_nodes_of_two_processes_shard_within_a_node_and_end_as_one_process(
+    toy, ckpts, tmp_path
+):
+    """--fsdp on 2 nodes x 2 processes (torchrun's variables: LOCAL_WORLD_SIZE 2 of WORLD_SIZE 4):
+    a 2-D mesh, parameters sharded over a node's 2 processes and replicated over the 2 nodes (so a
+    step's all-gathers stay within a node); it ends with the weights of 1 process x 8 x 2."""
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--max_steps", "2"]
+    argv = args(toy, "sft", tmp_path / "hsdp", *common, "--fsdp")
+    argv[argv.index("--batch_size") + 1] = "2"  # 4 processes x 2 x 2 micro-steps
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="4", LOCAL_WORLD_SIZE="2")
+    ranks = [
+        dict(env, RANK=str(r), LOCAL_RANK=str(r % 2), GROUP_RANK=str(r // 2)) for r in range(4)
+    ]
+    procs = [launch(argv, e) for e in ranks]
+    llava_kd.main(args(toy, "sft", tmp_path / "one", *common))
+    outs = finish(procs)
+    assert "FSDP2: sharded over 2 processes, replicated over 2 node(s)" in outs[0], outs[0]
+    assert "(4 x 2 x 2)" in outs[0]
+    one, hsdp = weights(tmp_path / "one"), weights(tmp_path / "hsdp")
+    assert changed(one, weights(ckpts / "student"))
+    for k in one:
+        torch.testing.assert_close(hsdp[k], one[k], rtol=0, atol=1e-5, msg=k)
+    held = [
+        json.loads(open(tmp_path / d / "log.jsonl").readlines()[-1])["trained_gib"]
+        for d in ("one", "hsdp")
+    ]
+    assert 0.45 < held[1] / held[0] < 0.55  # half of it on each process: sharded over 2, not 4
+
+
 def test_a_bf16_init_trains_float32_master_weights(toy, ckpts, tmp_path):
     """--init from a bf16 checkpoint (llava-hf publishes them so): AdamW updates float32 master
     weights and the output saves them in float32. In bf16 a first step at lr 1e-5 (|update| ~ lr)
