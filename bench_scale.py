@@ -171,8 +171,10 @@ def plan_table(batch, max_length, world):
         teacher = meta_llava("teacher") if llava_kd.STAGES[stage]["teacher"] else None
         cells = []
         for fsdp in (False, True):
-            rows = runtime.memory_plan(student, teacher, batch, max_length, world, True, fsdp, 0.5)
-            cells += [runtime.plan_total(rows, c) / 2**30 for c in (False, True)]
+            accum = 128 // (batch * world)  # Table A9's global batch of sft/dft
+            plan = (batch, max_length, world, True, fsdp, 0.5, world, accum)
+            rows = runtime.memory_plan(student, teacher, *plan)
+            cells += [runtime.plan_total(rows, c, cuda=True) / 2**30 for c in (False, True)]
         print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 

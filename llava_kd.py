@@ -574,7 +574,7 @@ def setup(a, device, cuda, world, rank):
     student = runtime.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
-    runtime.check_memory(a, world, device, student, teacher, rank == 0)
+    runtime.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
     if a.plan:
         return None
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None

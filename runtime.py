@@ -651,25 +651,28 @@ def numel(module, trained=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trained)
 
 
-def activation_bytes(text, batch, length, dtype, checkpointing):
+def activation_bytes(text, batch, length, dtype, checkpointing, residual=4):
     """The student LLM's saved activations for a micro-batch of `batch` x `length` tokens: every
-    layer's (the graph holds them until backward), or with checkpointing each layer's input and one
-    layer's recomputed set."""
+    layer's (the graph holds them until backward), or with checkpointing each layer's input (the
+    residual stream: float32, bf16 under FSDP2's bf16 policy) and one layer's recomputed set."""
     a_d, a_i = ACTIVATIONS[dtype]
     tokens = batch * length
     mask = batch * length**2 * dtype.itemsize
     layer = tokens * (a_d * text.hidden_size + a_i * text.intermediate_size) + mask
     layers = text.num_hidden_layers
     if checkpointing:
-        return layers * tokens * text.hidden_size * 4 + layer  # the residual stream is float32
+        return layers * tokens * text.hidden_size * residual + layer
     return layers * layer
 
 
-def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma, per_node=None):
+def memory_plan(
+    student, teacher, batch, max_length, world, cuda, fsdp, gamma, per_node=None, accum=1
+):
     """Per process: [(what, bytes, when)], when = "held" (the whole run), "forward" (at the end of
-    a micro-batch's forward, with one activation row of two: checkpointing off, on) or "step" (the
-    optimizer's). student/teacher: meta models, the student's requires_grad set for the stage.
-    FSDP2 shards over the processes of a node (per_node; replicated across nodes)."""
+    a micro-batch's forward and backward's start, with one row of each pair "..., checkpointing
+    off/on") or "step" (the optimizer's). student/teacher: meta models, the student's requires_grad
+    set for the stage. FSDP2 shards over the processes of a node (per_node; replicated across
+    nodes); accum: micro-steps an optimizer step."""
     text = student.config.text_config
     D, V = text.hidden_size, text.vocab_size
     tokens = batch * max_length
@@ -699,18 +702,37 @@ def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma, p
     # FSDP2: the root group whole through forward and backward, two layers gathered at a time
     gathered = size * (2 * root + 2 * layer) if fsdp else 0
     rows.append(("FSDP2's gathered parameters", gathered, "forward"))
-    # DDP on CUDA: autocast's bf16 copies of the weights, saved for backward; the loss's head copy
-    copies = 2 * (len(layers) * layer + V * D) if cuda and not fsdp else 0
-    rows.append(("bf16 copies of the weights (autocast)", copies, "forward"))
-    # fused_loss: dL/dW [V, D] and dL/dh in float32, the hidden states of both models, one block's
-    # [rows, V] tensors
+    # FSDP2 without gradient sync (every micro-step but the last) keeps each parameter's gradient
+    # whole, in float32, until the last micro-step's reduce-scatter
+    unsharded = 4 * trained if fsdp and accum > 1 else 0
+    rows.append(("FSDP2's unsharded gradients between micro-steps", unsharded, "forward"))
+    # DDP on CUDA: autocast's bf16 copies of the LLM's weights, saved for backward (a frozen
+    # weight's too, unless checkpointing recomputes its layer)
+    llm = student.model.language_model
+    trained_llm, all_llm = numel(llm, trained=True), numel(llm)
+    for checkpointing in (False, True):
+        copies = 2 * (trained_llm if checkpointing else all_llm) if cuda and not fsdp else 0
+        on = ("off", "on")[checkpointing]
+        rows.append(
+            (f"bf16 copies of the weights (autocast), checkpointing {on}", copies, "forward")
+        )
+    # fused_loss: dL/dW [V, D] and dL/dh in float32 and the hidden states of both models; then the
+    # larger of one block's [rows, V] tensors (with, on CUDA, the head's bf16 copy under DDP, the
+    # bf16 [V, D] product of its gradient, and under FSDP2 L_rel's float32 copy of the bf16 head)
+    # and backward's start, which scales dL/dW and dL/dh into new tensors
     head = 4 * V * D if student.lm_head.weight.requires_grad else 0
-    hidden = 4 * tokens * D * 2 + size * tokens * t_hidden
+    hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
     block = BLOCK_TENSORS * 4 * min(2**24, tokens * V)
-    rows.append(("loss work tensors (lean path), hidden states", head + hidden + block, "forward"))
+    if cuda:
+        block += (0 if fsdp else 2 * V * D) + (2 * V * D if head else 0)
+        block += 4 * V * D if fsdp and teacher is not None and gamma else 0
+    backward = head + 4 * tokens * D
+    loss = head + hidden + max(block, backward)
+    rows.append(("loss work tensors (lean path), hidden states", loss, "forward"))
+    residual = 2 if cuda and fsdp else 4
     for checkpointing in (False, True):
         dtype = torch.bfloat16 if cuda else torch.float32
-        act = activation_bytes(text, batch, max_length, dtype, checkpointing)
+        act = activation_bytes(text, batch, max_length, dtype, checkpointing, residual)
         rows.append((f"activations, checkpointing {('off', 'on')[checkpointing]}", act, "forward"))
     # fused AdamW (CUDA, DDP): no temporaries; foreach (CUDA, FSDP2): one full-size list; the
     # CPU's loop: two of the largest parameter's size
@@ -720,14 +742,15 @@ def memory_plan(student, teacher, batch, max_length, world, cuda, fsdp, gamma, p
     return rows
 
 
-def plan_total(rows, checkpointing):
-    """What is held, and the larger of the end of a forward and the optimizer step."""
-    skip = f"activations, checkpointing {('on', 'off')[checkpointing]}"
-    kept = [(b, when) for what, b, when in rows if what != skip]
+def plan_total(rows, checkpointing, cuda=False):
+    """What is held, and the larger of the end of a forward and the optimizer step; on CUDA 10% more
+    for the caching allocator's fragmentation (an estimate: no CPU shows it)."""
+    skip = f"checkpointing {('on', 'off')[checkpointing]}"
+    kept = [(b, when) for what, b, when in rows if not what.endswith(skip)]
     held, forward, step = (
         sum(b for b, w in kept if w == when) for when in ("held", "forward", "step")
     )
-    return held + max(forward, step)
+    return (held + max(forward, step)) * (1.1 if cuda else 1.0)
 
 
 def device_bytes(device):
@@ -738,17 +761,17 @@ def device_bytes(device):
     return ram / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def check_memory(a, world, device, student, teacher, master):
+def check_memory(a, world, device, student, teacher, master, global_batch=None):
     """Prints the plan (rank 0) and stops, naming what would fit, when this run's does not."""
     cuda = device.type == "cuda"
     limit = device_bytes(device)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
     def total(batch, fsdp, checkpointing):
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        rows = memory_plan(
-            student, teacher, batch, a.max_length, world, cuda, fsdp, a.gamma, per_node
-        )
-        return rows, plan_total(rows, checkpointing)
+        accum = (global_batch or batch * world) // (batch * world)
+        plan = (a.max_length, world, cuda, fsdp, a.gamma, per_node, accum)
+        rows = memory_plan(student, teacher, batch, *plan)
+        return rows, plan_total(rows, checkpointing, cuda)
 
     ddp, _ = total(a.batch_size, False, False)
     sharded, _ = total(a.batch_size, True, False)
@@ -771,10 +794,14 @@ def check_memory(a, world, device, student, teacher, master):
             cells = []
             for rows in columns:
                 found = {what: b for what, b, _ in rows}
-                found["off"], found["on"] = plan_total(rows, False), plan_total(rows, True)
+                found["off"] = plan_total(rows, False, cuda)
+                found["on"] = plan_total(rows, True, cuda)
                 cells.append(f"{found[name] / 2**30:13.2f}")
             print(f"  {label:60s}" + "".join(cells))
-        print("  (total: what is held + the larger of the end of a forward and the optimizer step)")
+        print(
+            "  (total: what is held + the larger of the end of a forward and the optimizer step"
+            f"{'; + 10% for fragmentation' if cuda else ''})"
+        )
         print(
             f"plan: {need / 2**30:.2f} GiB a process ({mode}, checkpointing {ckpt}) of "
             f"{limit / 2**30:.1f} GiB ({where}device memory)"
