@@ -739,10 +739,13 @@ def train(a):
         logged = torch.zeros(7, dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
             b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-            # only the last micro-step all-reduces the gradients; the others accumulate locally
+            # DDP: only the last micro-step all-reduces the gradients, the others accumulate them
+            # locally. FSDP2: every micro-step reduce-scatters within a node (without, each process
+            # would hold every gradient whole in float32: ~15 GiB for the 4B teacher), only the
+            # last all-reduces the shards across nodes (HSDP)
             last = i == accum - 1
             if a.fsdp:
-                student.set_requires_gradient_sync(last)
+                student.set_requires_all_reduce(last)
             no_sync = ddp and not a.fsdp and not last
             sync = student.no_sync() if no_sync else contextlib.nullcontext()
             with sync, autocast:

@@ -684,10 +684,12 @@ def memory_plan(
     layer = numel(layers[0])
     root = rest - len(layers) * layer  # FSDP's root group: embeddings, norm, head, projector
     shards = min(world, per_node or world) if fsdp else 1
+    held_grads = (world > 1 and not fsdp) or accum > 1  # through the next micro-step's forward
     rows = [
         ("student weights, float32 (vision tower whole)", 4 * rest / shards + 4 * tower, "held"),
         # DDP keeps them in its buckets; otherwise freed after each step, made again in backward
-        ("gradients, float32", 4 * trained / shards, "held" if world > 1 and not fsdp else "step"),
+        # (FSDP2: reduce-scattered each micro-step, their shards summed across micro-steps)
+        ("gradients, float32", 4 * trained / shards, "held" if held_grads else "step"),
         ("AdamW moments, float32", 8 * trained / shards, "held"),
     ]
     t_hidden = 0
@@ -702,10 +704,6 @@ def memory_plan(
     # FSDP2: the root group whole through forward and backward, two layers gathered at a time
     gathered = size * (2 * root + 2 * layer) if fsdp else 0
     rows.append(("FSDP2's gathered parameters", gathered, "forward"))
-    # FSDP2 without gradient sync (every micro-step but the last) keeps each parameter's gradient
-    # whole, in float32, until the last micro-step's reduce-scatter
-    unsharded = 4 * trained if fsdp and accum > 1 else 0
-    rows.append(("FSDP2's unsharded gradients between micro-steps", unsharded, "forward"))
     # DDP on CUDA: autocast's bf16 copies of the LLM's weights, saved for backward (a frozen
     # weight's too, unless checkpointing recomputes its layer)
     llm = student.model.language_model

@@ -3,7 +3,6 @@ before any weight loads, with what would fit named."""
 
 import argparse
 import contextlib
-import socket
 
 import pytest
 import torch
@@ -138,54 +137,46 @@ def test_plan_prints_before_any_weight_loads(toy, ckpts, tmp_path, monkeypatch, 
     assert "plan: " in printed and not (tmp_path / "out").exists()
 
 
-def gradients_between_micro_steps(ckpt_dir, toy_dir):
-    """In a process of 2 (torchrun's variables): the bytes of gradient that FSDP2 holds after a
-    micro-step without gradient sync (every micro-step of an optimizer step but the last)."""
-    import torch.distributed as dist
+def held_gradients(self, *args):
+    """Student.forward, for the test below: at each forward after an optimizer step's first
+    micro-step, the bytes of gradient this process holds (FSDP2's own record of each parameter:
+    whole or sharded; there is no public accessor)."""
     from torch.distributed.fsdp import FSDPModule
 
-    dist.init_process_group("gloo")
-    model, processor = llava_kd.load_llava(ckpt_dir, torch.float32)
-    llava_kd.apply_stage(model, "sft")
-    model.train()
-    student = llava_kd.shard(llava_kd.Student(model), model, bf16=False)
-    ds = data.LlavaDataset(
-        f"{toy_dir}/data/sft.json", f"{toy_dir}/data/images", processor, chat=True, max_length=512
-    )
-    b = data.collate([ds[i] for i in range(2)], processor.tokenizer.pad_token_id)
-    student.set_requires_gradient_sync(False)
-    loss, _ = llava_kd.stage_loss(student, model, None, b)
-    loss.backward()
     held = 0
-    for m in student.modules():  # FSDP2's own record of each parameter (no public accessor)
+    for m in self.modules():
         if isinstance(m, FSDPModule):
             for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params:
-                grad = p.unsharded_accumulated_grad
-                grad = p.unsharded_param.grad if grad is None else grad
-                held += grad.numel() * grad.element_size()
-    print("held", held)
-    dist.destroy_process_group()
+                whole = getattr(p, "_unsharded_param", None)  # absent once resharded
+                grads = [p.unsharded_accumulated_grad, p.sharded_param.grad]
+                grads.append(None if whole is None else whole.grad)
+                local = [
+                    g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None
+                ]
+                held += sum(g.numel() * g.element_size() for g in local)
+    if held:
+        print("held", held)
+    return FORWARD(self, *args)
 
 
-def test_the_plan_counts_the_gradients_fsdp2_holds_between_micro_steps(toy, ckpts, metas):
-    """FSDP2 with gradient sync off keeps every trained parameter's gradient whole on every process
-    until the last micro-step's reduce-scatter: the plan's row is what 2 processes hold then."""
-    from test_train import Forked, ended
+FORWARD = llava_kd.Student.forward
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
 
-    def run(argv):
-        gradients_between_micro_steps(ckpts / "student", toy)
+def test_the_plan_counts_the_gradients_fsdp2_holds_between_micro_steps(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    """sft under --fsdp on 2 processes x 4 x 2 micro-steps: between the micro-steps each process
+    holds its shard of every gradient (the loop reduce-scatters every micro-step; with gradient
+    sync off it would hold them whole), as the plan's gradient row says."""
+    from test_train import finish, processes
 
-    procs = [Forked([], dict(env, RANK=str(r), LOCAL_RANK=str(r)), run) for r in range(2)]
-    outs = ended(procs, timeout=120)
-    assert [p.returncode for p in procs] == [0, 0], outs
+    monkeypatch.setattr(llava_kd.Student, "forward", held_gradients)  # the forks inherit it
+    argv = args(toy, "sft", tmp_path, "--init", str(ckpts / "student"), "--max_steps", "1")
+    argv[argv.index("--batch_size") + 1] = "4"
+    outs = finish(processes(*argv, "--fsdp"))
     held = [int(out.split("held ")[-1].split()[0]) for out in outs]
     student = runtime.meta_llava(ckpts / "student")
     llava_kd.apply_stage(student, "sft")
-    rows = runtime.memory_plan(student, None, 2, 512, 2, False, True, 0.5, 2, accum=2)
-    planned = {what: b for what, b, _ in rows}["FSDP2's unsharded gradients between micro-steps"]
+    rows = runtime.memory_plan(student, None, 4, 192, 2, False, True, 0.5, 2, accum=2)
+    planned = {what: b for what, b, _ in rows}["gradients, float32"]
     assert held == [planned, planned]
