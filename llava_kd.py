@@ -10,7 +10,7 @@ Each stage writes OUT/ (the model and its processor: stock from_pretrained loads
 (every loss term, lr, grad_norm, tokens/s and memory, a line a step) and OUT/checkpoint/ (--resume).
 Top to bottom, as the paper: the losses (Sec. 3: MDist = L_res + L_vis, RDist = L_rel, their sum
 L_DPT / L_DFT), the model and the stage table (Table A9), the training loop, the command line. Chat
-templates are in data.py; flags, checkpoints and errors in runtime.py; the toy in toy.py.
+templates are in data.py; flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.py.
 """
 
 import argparse
@@ -493,31 +493,6 @@ def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def shard(student, model, bf16):
-    """FSDP2 instead of DDP: parameters, gradients and AdamW state split over the processes. Each
-    decoder layer is a group; the root group (embeddings, final norm, head, projector) is whole
-    through the root's forward, where fused_loss reads the head. The frozen vision tower, shared
-    with the teacher and run before the student, stays whole on every process; so does the teacher.
-    On several nodes: sharded within a node, replicated across nodes (HSDP, a 2-D mesh), so that a
-    step's all-gathers stay on the node's own links."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # bf16 (on CUDA): parameters gathered in bf16, gradients reduced in float32
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    nodes = dist.get_world_size() // per_node
-    device = model.lm_head.weight.device.type
-    mesh = init_device_mesh(device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
-    mesh = mesh if nodes > 1 else mesh["shard"]
-    if dist.get_rank() == 0:
-        print(f"FSDP2: sharded over {per_node} processes, replicated over {nodes} node(s)")
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    tower = set(model.model.vision_tower.parameters())
-    return fully_shard(student, mesh=mesh, mp_policy=policy, ignored_params=tower)
-
-
 def lr_at(step, total, peak, warmup_ratio):
     """Linear warm-up over the first 3% of the steps, then cosine decay to 0 (Table A9)."""
     warmup = max(1, math.ceil(total * warmup_ratio))
@@ -633,7 +608,7 @@ def train(a):
         (enable or model.gradient_checkpointing_enable)()
     m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     if a.fsdp:
-        student = shard(Student(model, m_t), model, bf16=cuda)
+        student = runtime.shard(Student(model, m_t), model, bf16=cuda)
     elif ddp:
         # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
         # unused ones; the gradients live in DDP's buckets (no second copy)
@@ -729,11 +704,8 @@ def train(a):
         if failed:  # an image that did not decode or a dead loader worker, on any process: stop
             checkpoint(step)  # at the last whole step
             fix = "replace the file with a readable image, --resume"
-            errors = [
-                f"{e}; {ckpt} holds step {step}: {b.get('fix', fix)}"
-                for b in micro
-                for e in b["errors"]
-            ]
+            held = f"{ckpt} holds step {step}"
+            errors = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
             runtime.agreed(runtime.fail, errors)
         # the loss, the five terms, and whether a process was asked to stop
         logged = torch.zeros(7, dtype=torch.float64, device=device)

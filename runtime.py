@@ -586,6 +586,35 @@ def open_log(out, resume_step=None):
 
 
 # --------------------------------------------------------------------------------------------------
+# FSDP2, the loop's --fsdp.
+
+
+def shard(student, model, bf16):
+    """FSDP2 instead of DDP: parameters, gradients and AdamW state split over the processes. Each
+    decoder layer is a group; the root group (embeddings, final norm, head, projector) is whole
+    through the root's forward, where fused_loss reads the head. The frozen vision tower, shared
+    with the teacher and run before the student, stays whole on every process; so does the teacher.
+    On several nodes: sharded within a node, replicated across nodes (HSDP, a 2-D mesh), so that a
+    step's all-gathers stay on the node's own links."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 (on CUDA): parameters gathered in bf16, gradients reduced in float32
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    nodes = dist.get_world_size() // per_node
+    device = model.lm_head.weight.device.type
+    mesh = init_device_mesh(device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    mesh = mesh if nodes > 1 else mesh["shard"]
+    if dist.get_rank() == 0:
+        print(f"FSDP2: sharded over {per_node} processes, replicated over {nodes} node(s)")
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    tower = set(model.model.vision_tower.parameters())
+    return fully_shard(student, mesh=mesh, mp_policy=policy, ignored_params=tower)
+
+
+# --------------------------------------------------------------------------------------------------
 # Memory, as logged.
 
 

@@ -661,7 +661,7 @@ def test_fsdp_mixed_precision_leaves_m_t_in_float32(toy, ckpts, monkeypatch):
             return fused_loss(*args, **kwargs)
 
         monkeypatch.setattr(llava_kd, "fused_loss", recording)
-        student = llava_kd.shard(llava_kd.Student(model, m_t), model, bf16=True)
+        student = runtime.shard(llava_kd.Student(model, m_t), model, bf16=True)
         ds = data.LlavaDataset(
             f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
         )
