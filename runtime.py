@@ -736,7 +736,8 @@ def memory_plan(
     # DDP on CUDA: autocast's bf16 copies of the LLM's weights, saved for backward (a frozen
     # weight's too, unless checkpointing recomputes its layer)
     llm = student.model.language_model
-    trained_llm, all_llm = numel(llm, trained=True), numel(llm)
+    trained_llm = numel(llm, trained=True)
+    all_llm = numel(llm)
     for checkpointing in (False, True):
         copies = 2 * (trained_llm if checkpointing else all_llm) if cuda and not fsdp else 0
         on = ("off", "on")[checkpointing]

@@ -18,7 +18,7 @@ import transformers
 
 import llava_kd
 import runtime
-from test_train import Forked, args, changed, ended, finish, launch, processes, weights
+from test_train import ROOT, Forked, args, changed, ended, finish, launch, processes, weights
 
 
 def sft(toy, ckpts, out, *extra):
@@ -425,11 +425,10 @@ def test_train_sh_passes_a_signal_on_to_its_stage(toy, ckpts, tmp_path):
         EXTRA="--workers 0 --global_batch_size 16 --epochs 50 --lr 1e-3 --save_every 1000",
         PYTHON=sys.executable,
     )
-    root = os.path.dirname(os.path.abspath(__file__))
     with open(tmp_path / "output.txt", "w") as f:
         p = subprocess.Popen(
             ["bash", "train.sh"],
-            cwd=root,
+            cwd=ROOT,
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,

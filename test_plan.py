@@ -11,7 +11,7 @@ import transformers
 import data
 import llava_kd
 import runtime
-from test_train import args
+from test_train import args, finish, processes
 
 
 def saved_bytes(layers, dtype, hidden=64, intermediate=176, tokens=96):
@@ -168,8 +168,6 @@ def test_the_plan_counts_the_gradients_fsdp2_holds_between_micro_steps(
     """sft under --fsdp on 2 processes x 4 x 2 micro-steps: between the micro-steps each process
     holds its shard of every gradient (the loop reduce-scatters every micro-step; with gradient
     sync off it would hold them whole), as the plan's gradient row says."""
-    from test_train import finish, processes
-
     monkeypatch.setattr(llava_kd.Student, "forward", held_gradients)  # the forks inherit it
     argv = args(toy, "sft", tmp_path, "--init", str(ckpts / "student"), "--max_steps", "1")
     argv[argv.index("--batch_size") + 1] = "4"
