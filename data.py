@@ -20,6 +20,15 @@ class UserError(ValueError):
     traceback."""
 
 
+NOTES = []  # this process's notes for the user: runtime.print_notes prints them once a run
+
+
+def note(text, ids=()):
+    """A note, printed once a run by rank 0 (runtime.print_notes), with the sample ids of every
+    process (each checks a share of the data): {n} in text is their count, {ids} the first five."""
+    NOTES.append((text, list(ids)))
+
+
 class DataError(UserError):
     pass
 
@@ -60,7 +69,7 @@ def read_samples(json_path, image_folder, rank=0, world=1):
             + "\n  ".join(problems[:20])
             + ("\n  ..." if len(problems) > 20 else "")
         )
-    if moved[0]:
+    if moved[0] and rank == 0:  # every process counts every sample
         print(
             f"{json_path}: put <image> at the start of the first human turn in {moved[0]} sample(s)"
         )
@@ -280,32 +289,43 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def check_lengths(self, rank=0, world=1):
+    def check_lengths(self, rank=0, world=1, drop=False):
         """This process's share of the samples tokenized (no image read): a sample with no answer
-        token within max_length is refused by id; answers cut short are counted in a note."""
-        refused, cut = [], []
+        token within max_length is refused by id (drop: left out, in a note; their indices are
+        returned); answers cut short are counted in a note."""
+        refused, cut, left_out = [], [], []
         for i in range(rank, len(self.rows), world):
             sid, image, conv = self.rows[i]
             ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
             shift = self.n_image_tokens - 1 if image is not None else 0  # <image> -> n tokens
             answer = [j + shift for j, label in enumerate(labels) if label != IGNORE]
+            problem = None
             if not answer:  # a template that marks no answer
-                refused.append(f"{sid} (no answer token at all)")
+                problem = "no answer token at all"
             elif answer[0] >= self.max_length:
-                refused.append(f"{sid} (needs {answer[0] + 1})")
+                problem = f"needs {answer[0] + 1}"
             elif answer[-1] >= self.max_length:
                 cut.append(sid)
-        if refused:
+            if problem:
+                refused.append(f"{sid} ({problem})")
+                left_out.append(i)
+        where = f"{self.json_path}: {{n}} sample(s) have no answer token within --max_length"
+        if refused and not drop:
             raise DataError(
-                f"{self.json_path}: {len(refused)} sample(s) have no answer token within "
-                f"--max_length {self.max_length}: {', '.join(refused[:10])}"
-                f"{' ...' if len(refused) > 10 else ''}; raise --max_length or remove them"
+                f"{where.replace('{n}', str(len(refused)))} {self.max_length}: "
+                f"{', '.join(refused[:10])}{' ...' if len(refused) > 10 else ''}; raise "
+                f"--max_length, remove them, or leave them out with --drop_too_long"
             )
+        if refused:
+            ids = [self.rows[i][0] for i in left_out]
+            note(f"note: {where} {self.max_length}: left out (--drop_too_long), e.g. {{ids}}", ids)
         if cut:
-            print(
-                f"note: {self.json_path}: {len(cut)} answer(s) cut short by --max_length "
-                f"{self.max_length} (their end token is not trained), e.g. {', '.join(cut[:5])}"
+            note(
+                f"note: {self.json_path}: {{n}} answer(s) cut short by --max_length "
+                f"{self.max_length} (their end token is not trained), e.g. {{ids}}",
+                cut,
             )
+        return left_out
 
     def _plain(self, conv, has_image):
         caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [

@@ -529,12 +529,15 @@ def global_counts(micro, image_id, device, ddp, world):
     return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), bool(count[5])
 
 
-def setup(a, device, cuda, world, rank):
-    """Everything a run reads before it trains: flags, data, the checkpoint to resume, the models.
-    No collective inside: every process runs it alone (each checks a share of the data), and
-    runtime.agreed stops them all on one error."""
+def check(a, device, world, rank):
+    """Everything a run reads before any weights load: flags, data, the checkpoint to resume, the
+    memory plan, every answer's length. No collective inside: every process runs it alone (each
+    checks a share of the data), and runtime.agreed stops them all on one error. None: nothing to
+    train (--plan, or a stage that had finished)."""
     stage = STAGES[a.stage]
     global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
+    if a.auto_resume and not a.plan and runtime.continue_out(a, rank == 0):
+        return None  # finished before: nothing to do
     samples = data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch:
         raise data.UserError(
@@ -555,8 +558,17 @@ def setup(a, device, cuda, world, rank):
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     if a.resume:  # the same flags as the checkpoint's, but those that may change
         runtime.check_resume(a, state["args"])
+    left_out = []
     if source:  # every answer's length, with the processor alone
-        runtime.check_lengths(source, a, stage["chat"], samples, rank, world)
+        left_out = runtime.check_lengths(source, a, stage["chat"], samples, rank, world)
+    return global_batch, samples, state, source, left_out
+
+
+def load(a, checked, cuda, world, rank):
+    """The models and the data set that check read the way to: (model, processor, teacher, data
+    set, the indices of the samples that --drop_too_long leaves out on this process)."""
+    stage = STAGES[a.stage]
+    _, samples, _, source, left_out = checked
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
@@ -568,14 +580,14 @@ def setup(a, device, cuda, world, rank):
     if stage["teacher"]:
         dtype = torch.bfloat16 if cuda else torch.float32
         new = source is None
-        teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new).to(device)
+        teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new)
     data.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
         a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples
     )
     if source is None:  # a new student: checked with its processor, built with its weights
-        ds.check_lengths(rank, world)
-    return global_batch, state, model, processor, teacher, ds
+        left_out = ds.check_lengths(rank, world, a.drop_too_long)
+    return model, processor, teacher, ds, left_out
 
 
 def train(a):
@@ -591,12 +603,19 @@ def train(a):
     world = dist.get_world_size() if ddp else 1
     master = rank == 0
     # flags and every sample first: a typo costs seconds, not a teacher's loading time
-    ready = runtime.agreed(setup, a, device, cuda, world, rank)
-    if ready is None:  # --plan: printed, nothing loaded
+    checked = runtime.agreed(check, a, device, world, rank)
+    runtime.print_notes(master)
+    if checked is None:  # --plan printed, or the stage had finished: nothing loaded
         if ddp:
             dist.destroy_process_group()
         return
-    global_batch, state, model, processor, teacher, ds = ready
+    global_batch, _, state, _, _ = checked
+    model, processor, teacher, ds, left_out = runtime.agreed(load, a, checked, cuda, world, rank)
+    runtime.print_notes(master)
+    if a.drop_too_long:
+        runtime.leave_out(ds, runtime.gathered(left_out), global_batch, a.out, master)
+    if teacher is not None:
+        teacher.to(device)
     apply_stage(model, a.stage)
     model.to(device)
     # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
@@ -683,7 +702,7 @@ def train(a):
 
     log = None
     if master:
-        log = runtime.open_log(a.out, step if a.resume else None)
+        log = runtime.open_log(a.out, step if a.resume or a.auto_resume else None)
         n_train = sum(p.numel() for p in params) / 1e6
         print(
             f"stage {a.stage}: {len(ds)} samples, {total} steps of {global_batch} ({world} x "
@@ -767,10 +786,10 @@ def train(a):
             by = preemption.received or "a signal to another process"
             raise runtime.agreed_error(
                 f"stopped by {by} at step {step + 1} of {end}; {ckpt} holds it: continue with "
-                f"the same command and --resume"
+                f"the same command and --resume (train.sh: the same command)"
             )
     if master:
-        runtime.publish(a.out)
+        runtime.publish(a.out, vars(a), end, finished=end == total)
         print(f"stage {a.stage}: done at step {end}; model in {a.out}")
     if ddp:
         dist.destroy_process_group()
@@ -811,9 +830,21 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4, help="per process")
     p.add_argument("--epochs", type=int, help="default: Table A9 (1)")
     p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument(
+        "--drop_too_long",
+        action="store_true",
+        help="leave out the samples with no answer token within --max_length (default: refuse "
+        "the data); their ids go to --out/left_out.json",
+    )
     p.add_argument("--max_steps", type=int, help="stop after this many steps of the stage")
     p.add_argument("--save_every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument(
+        "--auto_resume",
+        action="store_true",
+        help="what --out holds decides (train.sh): a stage finished there is skipped, a "
+        "checkpoint resumed, else the stage starts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")

@@ -66,6 +66,27 @@ def agreed(fn, *args):
     return result
 
 
+def gathered(items):
+    """Every process's list, joined in rank order (on the long waits' group)."""
+    if not dist.is_initialized():
+        return list(items)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, list(items), group=_waits[-1])
+    return [item for part in every for item in part]
+
+
+def print_notes(master):
+    """data.note's notes of every process, each once, by rank 0, with every process's ids."""
+    merged = {}
+    for text, ids in gathered(data.NOTES):
+        merged.setdefault(text, []).extend(ids)
+    data.NOTES.clear()
+    for text, ids in merged.items() if master else ():
+        if ids:
+            text = text.replace("{n}", str(len(ids))).replace("{ids}", ", ".join(ids[:5]))
+        print(text)
+
+
 def fail(messages):
     """For agreed: this process's messages, as one UserError."""
     if messages:
@@ -159,18 +180,26 @@ NUMERIC_FLAGS = dict(
 )
 # What --resume may change: everything else must be what the checkpoint was written with
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out"}  # not --fsdp: its AdamW state
+MAY_CHANGE |= {
+    "ignore_plan",
+    "grad_checkpointing",
+    "images",
+    "out",
+    "auto_resume",
+}  # not --fsdp: its AdamW state
 # is saved keyed otherwise
 
 
-def check_resume(a, saved):
-    """--resume with the flags the checkpoint was written with (but MAY_CHANGE)."""
+def check_resume(a, saved, what=None):
+    """--resume with the flags the checkpoint (or the finished stage) was written with (but
+    MAY_CHANGE)."""
     differ = [k for k, v in vars(a).items() if k not in MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
         was = ", ".join(f"--{k} {saved[k]} (now {getattr(a, k)})" for k in differ)
+        what = what or f"--resume: the checkpoint in {a.out}"
         raise data.UserError(
-            f"--resume: the checkpoint in {a.out} was written with {was}; resume with the same "
-            f"flags (these may change: {', '.join('--' + k for k in sorted(MAY_CHANGE))})"
+            f"{what} was written with {was}; continue with the same flags (these may change: "
+            f"{', '.join('--' + k for k in sorted(MAY_CHANGE))}), or give a new --out"
         )
 
 
@@ -296,7 +325,7 @@ def note_chat_formats(s_proc, t_proc, path):
     s, t = rendered(s_proc), rendered(t_proc)
     if s != t:
         i = next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), min(len(s), len(t)))
-        print(
+        data.note(
             f"note: the student's and the teacher's ({path}) chat templates render a conversation "
             f"differently from character {i}: student {s[i : i + 60]!r}, teacher "
             f"{t[i : i + 60]!r}. The teacher reads the student's format in dft: it distils best "
@@ -307,6 +336,7 @@ def note_chat_formats(s_proc, t_proc, path):
 # A save writes checkpoint.tmp/, then renames it checkpoint/ (the one before: checkpoint.old/)
 CHECKPOINTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 COMPLETE = "complete.json"  # written last: {"step": n, "files": {name: bytes}}
+DONE = "done.json"  # the stage's output is published (publish writes it last): {"step", "args"}
 
 
 def checkpoint_problem(path):
@@ -323,8 +353,9 @@ def checkpoint_problem(path):
     return None
 
 
-def find_checkpoint(out):
-    """The newest complete checkpoint of out, among checkpoint/ and a crash's leftovers."""
+def newest_checkpoint(out):
+    """The newest complete checkpoint of out, among checkpoint/ and a crash's leftovers (None), and
+    what is wrong with the others."""
     found, problems = [], []
     for name in CHECKPOINTS:
         path = os.path.join(out, name)
@@ -333,12 +364,41 @@ def find_checkpoint(out):
             problems.append(f"{path}: {problem}")
         elif os.path.isdir(path):
             found.append((json.load(open(os.path.join(path, COMPLETE)))["step"], path))
-    if not found:
-        seen = "; ".join(problems) or "none was written"
-        raise data.UserError(
-            f"--resume: no complete checkpoint in {out} ({seen}); start again on a new --out"
-        )
-    return max(found)[1]
+    return max(found)[1] if found else None, problems
+
+
+def find_checkpoint(out):
+    path, problems = newest_checkpoint(out)
+    if path:
+        return path
+    seen = "; ".join(problems) or "none was written"
+    if not problems and os.path.isfile(os.path.join(out, DONE)):
+        seen = f"the stage finished ({DONE}) and its checkpoint was removed"
+    raise data.UserError(
+        f"--resume: no complete checkpoint in {out} ({seen}); start again on a new --out"
+    )
+
+
+def continue_out(a, master):
+    """--auto_resume (train.sh): what --out holds decides. The stage finished there with these
+    flags: True, skip it. A complete checkpoint: resume it. Nothing: start (dropping what a crash
+    before the first checkpoint left). Another setting than the one it was started with: refused."""
+    path = os.path.join(a.out, DONE)
+    resumable = newest_checkpoint(a.out)[0] is not None
+    if os.path.isfile(path):
+        done = json.load(open(path))
+        check_resume(a, done["args"], f"{path}: the stage finished in {a.out}")
+        if done["args"].get("max_steps") == a.max_steps:
+            if master:
+                print(f"stage {a.stage}: finished in {a.out} (step {done['step']}): skipped")
+            return True
+        if not resumable:
+            raise data.UserError(
+                f"{path}: the stage finished at step {done['step']} and its checkpoint was "
+                f"removed, so it cannot go on to --max_steps {a.max_steps}: give a new --out"
+            )
+    a.resume = resumable
+    return False
 
 
 def claim_out(a, master):
@@ -364,6 +424,8 @@ def claim_out(a, master):
         _cleanups.append(lambda: release_out(path, me))
     names = ("config.json", "log.jsonl", *CHECKPOINTS)
     held = [n for n in names if os.path.exists(os.path.join(a.out, n))]
+    if a.auto_resume:  # a log or a torn checkpoint of a run that never saved: started again
+        held = [n for n in held if n == "config.json"]
     if held and not a.resume:
         raise data.UserError(
             f"--out {a.out} holds another run ({', '.join(held)}): continue it with --resume, or "
@@ -457,7 +519,23 @@ def check_lengths(source, a, chat, samples, rank, world):
     processor = transformers.AutoProcessor.from_pretrained(source)
     data.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=chat)
     ds = data.LlavaDataset(a.data, a.images, processor, chat, a.max_length, samples)
-    ds.check_lengths(rank, world)
+    return ds.check_lengths(rank, world, a.drop_too_long)
+
+
+def leave_out(ds, indices, global_batch, out, master):
+    """--drop_too_long: the samples that check_lengths left out (every process's), gone from ds on
+    every process alike; their ids in out/left_out.json."""
+    gone = set(indices)
+    ids = [row[0] for i, row in enumerate(ds.rows) if i in gone]
+    ds.rows = [row for i, row in enumerate(ds.rows) if i not in gone]
+    if master:
+        with open(os.path.join(out, "left_out.json"), "w") as f:
+            json.dump(ids, f)
+    if len(ds) < global_batch:
+        raise agreed_error(
+            f"{ds.json_path}: {len(ds)} samples are left, fewer than one global batch "
+            f"({global_batch}), once --drop_too_long left out {len(ids)}"
+        )
 
 
 def readable(load, path, *args):
@@ -523,12 +601,29 @@ def save_checkpoint(model, processor, state, out, state_dict=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def publish(out):
-    """The stage's output: the last checkpoint's model and processor, loadable from out itself."""
+def publish(out, args, step, finished):
+    """The stage's output: the last checkpoint's model and processor in out itself (hard links: no
+    second copy on disk), then done.json, written last (--auto_resume skips a stage that has it).
+    A stage that ran its whole schedule then drops its checkpoint: nobody reads its AdamW state
+    (twice the weights) again. One stopped by --max_steps keeps it, to go on."""
     ckpt = os.path.join(out, "checkpoint")
     for name in os.listdir(ckpt):
-        if name not in ("train_state.pt", COMPLETE):  # what --resume alone reads
-            shutil.copy(os.path.join(ckpt, name), os.path.join(out, name))
+        if name in ("train_state.pt", COMPLETE):  # what --resume alone reads
+            continue
+        tmp = os.path.join(out, name + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(ckpt, name), tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copy(os.path.join(ckpt, name), tmp)
+        os.replace(tmp, os.path.join(out, name))
+    with open(os.path.join(out, DONE + ".tmp"), "w") as f:
+        json.dump(dict(step=step, args=args), f)
+    os.replace(os.path.join(out, DONE + ".tmp"), os.path.join(out, DONE))
+    if finished:
+        for name in CHECKPOINTS:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def full_state(student, opt):
@@ -863,3 +958,37 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
         f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
         f"{limit / 2**30:.1f} GiB of the device; {advice} (--ignore_plan runs it anyway)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# train.sh's launcher.
+
+
+def launch(argv):
+    """torchrun (the same flags) without its traceback when a stage fails: the stage's own `error:
+    ...` line (rank 0's) stays the last it printed. Exit status: that of the first process that
+    failed (128 + N for signal N), with one line where that process printed none (a crash)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):  # its lines of every process it stops
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code != 1:  # 1: an error the stage printed itself
+            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            print(f"error: process {rank} of the stage ended with {why}", file=sys.stderr)
+        sys.exit(128 - code if code < 0 else code)
+    except SignalException as e:  # torchrun stopped by a signal, its processes with it
+        sys.exit(128 + e.sigval)
+
+
+if __name__ == "__main__":
+    launch(sys.argv[1:])

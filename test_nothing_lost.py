@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
     by = "SIGTERM" if nproc == 1 else "a signal to another process"  # rank 0 prints
     assert lines == [
         f"error: stopped by {by} at step {step} of 300; {parts}/checkpoint holds it: continue "
-        f"with the same command and --resume"
+        f"with the same command and --resume (train.sh: the same command)"
     ], outs
     assert "Traceback" not in "".join(outs)
     end = ["--max_steps", str(step + 2)]
@@ -125,7 +125,7 @@ def test_each_signal_a_scheduler_or_a_shell_sends_checkpoints_once(
     lines = [x for x in output.splitlines() if x.startswith("error: ")]
     assert lines == [
         f"error: stopped by {name} at step {step} of 300; {out}/checkpoint holds it: continue "
-        f"with the same command and --resume"
+        f"with the same command and --resume (train.sh: the same command)"
     ], output
 
 
@@ -447,4 +447,7 @@ def test_train_sh_passes_a_signal_on_to_its_stage(toy, ckpts, tmp_path):
     stage = out / "student-dft"
     step = json.load(open(stage / "checkpoint" / "complete.json"))["step"]
     assert step == logged_steps(stage)[-1] >= 1
-    assert f"error: stopped by SIGUSR1 at step {step} of 300" in output.splitlines()[-1], output
+    last = output.splitlines()[-1]
+    assert last.startswith(f"error: stage dft --out {stage}: stopped by SIGUSR1 at step {step} "), (
+        last
+    )

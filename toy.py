@@ -665,8 +665,17 @@ def main(argv=None):
     )
     p.add_argument("--out", help="also write the report here")
     a = ap.parse_args(argv)
-    if a.cmd == "setup":
-        make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
+    if a.cmd == "setup":  # setup.json last: a rerun of the recipe keeps the setup it trained on
+        marker, asked = os.path.join(a.out, "setup.json"), dict(seed=a.seed, quick=a.quick)
+        made = json.load(open(marker)) if os.path.isfile(marker) else None
+        if made is None:
+            make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
+            with open(marker, "w") as f:
+                json.dump(asked, f)
+        elif made != asked:
+            raise SystemExit(f"error: {a.out} holds the toy setup {made}, not {asked}: delete it")
+        else:
+            print(f"toy setup in {a.out}: kept")
     elif a.cmd == "eval":
         try:
             for model in a.model:

@@ -35,8 +35,9 @@ else
 fi
 FSDP=${FSDP:-auto}; WORLD=$(( NGPU * ${NNODES:-1} ))
 stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
-  # torchrun forwards SIGUSR1 too, and waits 15 min (not 30 s) for the workers to checkpoint and exit
-  local launch="$PYTHON -m torch.distributed.run $NODES --nproc_per_node=$NGPU" fsdp=
+  # torchrun forwards SIGUSR1 too, and waits 15 min (not 30 s) for the workers to checkpoint and exit;
+  # runtime.py is torchrun without its traceback when a stage fails
+  local launch="$PYTHON runtime.py $NODES --nproc_per_node=$NGPU" fsdp= out= prev= arg
   launch="$launch --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=900"
   # FSDP2 (Table A9's ZeRO-3) where a whole LLM trains (sft, dft) on several processes: by the memory
   # plan (--plan) a 4B teacher's SFT on 8 GPUs, checkpointed, is 89 GiB a GPU under DDP, 24 sharded
@@ -45,16 +46,26 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   elif [ "$WORLD" = 1 ]; then
     launch=$PYTHON  # one process needs no launcher: torchrun would only add its start-up (~3 s a stage)
   fi
-  # in the background, each signal passed on to it: bash, as a batch script, holds a signal until
+  for arg in "$@"; do [ "$prev" = --out ] && out=$arg; prev=$arg; done
+  local log=$OUT/logs/$(echo "${out#"$OUT"/}" | tr / -).log  # every attempt's output, appended
+  mkdir -p "$OUT/logs"; touch "$log"; local from=$(( $(stat -c %s "$log") + 1 ))
+  # --auto_resume: run again, a stage finished in its --out is skipped, one with a checkpoint resumed.
+  # In the background, each signal passed on to it: bash, as a batch script, holds a signal until
   # its foreground child ends (and SIGKILL comes first); the stage takes a repeat as the same request
-  $launch llava_kd.py train --stage "$@" $fsdp &
+  PYTHONUNBUFFERED=1 $launch llava_kd.py train --stage "$@" $fsdp --auto_resume >> "$log" 2>&1 &
   local pid=$! rc s
+  tail -c "+$from" -f --pid="$pid" "$log" & local shown=$!  # the output, as it comes
   for s in TERM INT HUP QUIT USR1; do trap "kill -s $s $pid 2>/dev/null || true" "$s"; done
   while :; do  # a signal ends `wait` early (status > 128): wait again until the stage has ended
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - TERM INT HUP QUIT USR1
+  wait "$shown" || true
+  if [ "$rc" != 0 ]; then  # the stage's own error line, last
+    local error=$(tail -c "+$from" "$log" | grep -a "^error" | tail -n 1)
+    echo "error: stage $1 --out $out${error:+: ${error#error*: }} (exit $rc; whole output: $log)" >&2
+  fi
   return "$rc"
 }
 
@@ -98,8 +109,8 @@ COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 16 --global_batch_size 32 $COMMON"
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
 EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
-START=$(date +%s)
-rm -rf "$OUT"; mkdir -p "$OUT/logs"
+START=$(date +%s)  # run again, it goes on where it stopped (delete $OUT to start over)
+mkdir -p "$OUT/logs"
 $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
 
 teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
@@ -124,9 +135,10 @@ dft_after_sft() {  # DFT on the baseline's PT -> SFT student
 }
 evaluate() {  # the question-only prior and the teacher, or one seed's five students
   if [ "$1" = teacher ]; then
+    rm -f $OUT/teacher-results.jsonl  # evaluated again on a rerun
     $EVAL --prior $T/data/sft.json --model $OUT/teacher-pt-sft --row "teacher PT-SFT" --results $OUT/teacher-results.jsonl
   else
-    local S=$OUT/seed$1
+    local S=$OUT/seed$1; rm -f $S/results.jsonl
     $EVAL --seed $1 --results $S/results.jsonl --model $S/pt-sft $S/dpt-sft $S/pt-sft-dft $S/dpt-sft-dft $S/pt-sft-sft \
       --row "student PT-SFT" "student DPT-SFT" "student PT-SFT-DFT" "student DPT-SFT-DFT (LLaVA-KD)" \
       "student PT-SFT-SFT (no teacher)"
