@@ -1,7 +1,10 @@
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
 # tiny models: a second thread only spins, beside the recipe's processes
@@ -48,37 +51,103 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.module.__name__ == "test_recipe")
 
 
+TOY_RECIPE = dict(SEEDS="1", TOY_STEPS="4", TOY_QUICK="1", NGPU="1", TOY_SEED="1")
+STARTED = []  # every train.sh started: stopped when the session ends
+
+
+def start_recipe(out, **env):
+    """`bash train.sh`'s toy recipe, shortened (TOY_RECIPE), into out; its output in out.txt."""
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **TOY_RECIPE, **env)
+    with open(f"{out}.txt", "a") as f:
+        STARTED.append(
+            subprocess.Popen(
+                ["bash", "train.sh"],
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # train.sh and the stages it starts: one process group
+            )
+        )
+    return STARTED[-1]
+
+
+def stop_in_the_dft_stage(out, proc):
+    """SIGKILL of the process of LLaVA-KD's third stage (DFT) once it has saved a checkpoint and
+    before it ends (stopped first, then checked); the checkpoint's step."""
+    stage = out / "seed1" / "dpt-sft-dft"
+    marker = stage / "checkpoint" / "complete.json"
+    while proc.poll() is None:
+        found = subprocess.run(
+            ["pgrep", "-f", "--", f"--out {stage} "], capture_output=True, text=True
+        )
+        pids = [int(p) for p in found.stdout.split()]
+        if pids and marker.exists():
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            step = json.load(open(marker))["step"]
+            done = (stage / "done.json").exists()
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            return None if done else step
+        time.sleep(0.01)
+    return None
+
+
+def stop_between_stages(out, proc):
+    """SIGKILL of train.sh and everything it started, once the first distilled stage (DPT) is
+    finished; the number of stages finished then."""
+    while proc.poll() is None:
+        if (out / "seed1" / "dpt" / "done.json").exists():
+            os.killpg(proc.pid, signal.SIGKILL)
+            return len(list(out.glob("**/done.json")))
+        time.sleep(0.01)
+    return None
+
+
+def stopped_and_continued(out, stop):
+    """The toy recipe stopped once by stop(out, proc) and run again with the same command: (what
+    stop returned, the first run's exit status, the finished stages' files then, the second run's
+    exit status)."""
+    proc = start_recipe(out, EXTRA="--save_every 1")
+    stopped = stop(out, proc)
+    first = proc.wait(timeout=900)
+    finished = {
+        p: os.stat(p).st_mtime_ns for d in out.glob("**/done.json") for p in d.parent.iterdir()
+    }
+    again = start_recipe(out, EXTRA="--save_every 1").wait(timeout=900)
+    return stopped, first, finished, again
+
+
+class Background(threading.Thread):
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.start()
+
+    def run(self):
+        self.result = self.fn(*self.args)
+
+    def value(self, timeout=900):
+        self.join(timeout)
+        return self.result
+
+
 @pytest.fixture(scope="session", autouse=True)
 def recipe(request, tmp_path_factory):
     """`bash train.sh`'s toy recipe (test_recipe.py), started when the session starts if that test
     is collected: it is mostly process start-ups, one or two at a time, so the other tests run
-    beside it. (out, process, output)."""
+    beside it. (out, process, output, the recipe stopped in its DFT stage and continued, the recipe
+    stopped between stages and continued: Background threads)."""
     if not any(item.module.__name__ == "test_recipe" for item in request.session.items):
         yield None
         return
     out = tmp_path_factory.mktemp("recipe")
-    env = dict(
-        os.environ,
-        OUT=str(out / "toy"),
-        SEEDS="1",
-        TOY_STEPS="2",
-        TOY_QUICK="1",
-        NGPU="1",
-        TOY_SEED="1",
-        PYTHON=sys.executable,  # train.sh runs the Python that runs the tests
-    )
-    with open(out / "output.txt", "w") as f:
-        proc = subprocess.Popen(
-            ["bash", "train.sh"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    yield out, proc, out / "output.txt"
-    if (
-        proc.poll() is None
-    ):  # the session ended first (a failure, -x): stop train.sh and the stages it started
-        os.killpg(proc.pid, signal.SIGKILL)
+    proc = start_recipe(out / "toy")
+    in_dft = Background(stopped_and_continued, out / "in-dft", stop_in_the_dft_stage)
+    between = Background(stopped_and_continued, out / "between", stop_between_stages)
+    yield out, proc, out / "toy.txt", in_dft, between
+    for p in STARTED:  # the session ended first (a failure, -x): stop train.sh and its stages
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -535,11 +535,12 @@ def check(a, device, world, rank):
     checks a share of the data), and runtime.agreed stops them all on one error. None: nothing to
     train (--plan, or a stage that had finished)."""
     stage = STAGES[a.stage]
+    world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
     if a.auto_resume and not a.plan and runtime.continue_out(a, rank == 0):
         return None  # finished before: nothing to do
-    samples = data.read_samples(a.data, a.images, rank, world)
-    if len(samples) < global_batch:
+    samples = [] if a.plan_gpus else data.read_samples(a.data, a.images, rank, world)
+    if len(samples) < global_batch and not a.plan_gpus:
         raise data.UserError(
             f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
             f"lower --global_batch_size"
@@ -812,8 +813,8 @@ def main(argv=None):
         "checkpoint/ (--resume continues from it).",
     )
     p.add_argument("--stage", required=True, choices=list(STAGES))
-    p.add_argument("--data", required=True, help="LLaVA JSON")
-    p.add_argument("--images", required=True, help="folder the JSON's image paths are relative to")
+    p.add_argument("--data", help="LLaVA JSON")
+    p.add_argument("--images", help="folder the JSON's image paths are relative to")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--init", help="continue from this LLaVA checkpoint (the previous stage's --out)"
@@ -848,6 +849,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")
+    p.add_argument("--plan_gpus", type=int, help="--plan for N GPUs (bf16), without data or GPU")
+    p.add_argument("--plan_gib", type=float, help="with --plan_gpus: each GPU's memory, GiB")
     p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")

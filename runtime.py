@@ -171,6 +171,7 @@ NUMERIC_FLAGS = dict(
     epochs=1,
     max_length=2,
     max_steps=1,
+    plan_gpus=1,
     save_every=0,
     workers=0,
     alpha=0,
@@ -205,9 +206,15 @@ def check_resume(a, saved, what=None):
 
 def check_flags(a, world, stage, table):
     """Every user error that the flags alone can show; returns the global batch."""
-    if not os.path.isfile(a.data):
+    if (a.plan_gpus is None) != (a.plan_gib is None):
+        raise data.UserError("--plan_gpus N and --plan_gib G come together (the device's GiB)")
+    if a.plan_gpus:  # the plan of another machine: no data read, no torchrun
+        a.plan = True
+    elif not a.data or not a.images:
+        raise data.UserError("--data JSON and --images DIR are needed (--plan_gpus: not)")
+    elif not os.path.isfile(a.data):
         raise data.UserError(f"--data {a.data}: no such file; expected a LLaVA JSON file")
-    if not os.path.isdir(a.images):
+    elif not os.path.isdir(a.images):
         raise data.UserError(
             f"--images {a.images}: no such directory; expected the folder the JSON's image paths "
             f"are relative to"
@@ -234,7 +241,7 @@ def check_flags(a, world, stage, table):
         path = getattr(a, flag)
         if path and os.path.realpath(path) == os.path.realpath(a.out):
             raise data.UserError(f"--{flag} and --out are both {a.out}: give the stage a new --out")
-    if a.fsdp and "RANK" not in os.environ:
+    if a.fsdp and "RANK" not in os.environ and not a.plan_gpus:
         raise data.UserError(
             "--fsdp shards the student over processes: start it with torchrun (train.sh: FSDP=1)"
         )
@@ -886,9 +893,9 @@ def device_bytes(device):
 
 def check_memory(a, world, device, student, teacher, master, global_batch=None):
     """Prints the plan (rank 0) and stops, naming what would fit, when this run's does not."""
-    cuda = device.type == "cuda"
-    limit = device_bytes(device)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cuda = device.type == "cuda" or bool(a.plan_gpus)  # --plan_gpus: what its GPUs would hold
+    limit = a.plan_gib * 2**30 if a.plan_gpus else device_bytes(device)
+    per_node = a.plan_gpus or int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
     def total(batch, fsdp, checkpointing):
         accum = (global_batch or batch * world) // (batch * world)
@@ -902,14 +909,15 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
     _, need = total(a.batch_size, a.fsdp, a.grad_checkpointing)
     ckpt = "on" if a.grad_checkpointing else "off"
     if master:
-        where = f"{torch.cuda.get_device_name(device)}, " if cuda else "CPU, "
+        where = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "CPU, "
+        where = "--plan_gib's " if a.plan_gpus else where
         print(
             f"memory plan, GiB a process ({a.stage}; micro-batch {a.batch_size} x {a.max_length} "
             f"tokens; {'bf16 autocast' if cuda else 'float32'}; {world} process(es)):"
         )
         columns = [ddp, sharded] if world > 1 else [ddp]
         heads = ["DDP", f"FSDP2 x {world}"] if world > 1 else ["one process"]
-        print(f"  {'':60s}" + "".join(f"{h:>13s}" for h in heads))
+        print(f"  {'':68s}" + "".join(f"{h:>13s}" for h in heads))
         when = {"held": "held", "forward": "forward", "step": "opt step"}
         lines = [(f"{name} [{when[w]}]", name) for name, _, w in ddp]
         lines += [(f"total, checkpointing {c}", c) for c in ("off", "on")]
@@ -920,7 +928,7 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
                 found["off"] = plan_total(rows, False, cuda)
                 found["on"] = plan_total(rows, True, cuda)
                 cells.append(f"{found[name] / 2**30:13.2f}")
-            print(f"  {label:60s}" + "".join(cells))
+            print(f"  {label:68s}" + "".join(cells))
         print(
             "  (total: what is held + the larger of the end of a forward and the optimizer step"
             f"{'; + 10% for fragmentation' if cuda else ''})"

@@ -74,6 +74,8 @@ def plan_args(**kw):
         grad_checkpointing=False,
         gamma=0.5,
         ignore_plan=False,
+        plan_gpus=None,
+        plan_gib=None,
     )
     return argparse.Namespace(**{**base, **kw})
 

@@ -2,6 +2,7 @@
 table. It runs beside the other tests, from the start of the session (conftest.py's `recipe`)."""
 
 import json
+import os
 
 import toy as toy_module
 
@@ -17,10 +18,7 @@ ROWS = [
 
 
 def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
-    out, proc, output = (
-        # train.sh with OUT, SEEDS=1, TOY_STEPS=2, TOY_QUICK=1, NGPU=1, TOY_SEED=1: conftest.py
-        recipe
-    )
+    out, proc, output, _, _ = recipe  # train.sh with OUT and conftest.py's TOY_RECIPE
     assert proc.wait(timeout=900) == 0, output.read_text()[-3000:]
     stdout = output.read_text()
     table = (out / "toy" / "table.md").read_text()
@@ -39,7 +37,7 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
         ("pt-sft-sft", False),
     ):
         log = [json.loads(line) for line in open(out / "toy" / "seed1" / stage / "log.jsonl")]
-        assert len(log) == 2 and all((r["L_vis"] > 0) == teacher for r in log)
+        assert len(log) == 4 and all((r["L_vis"] > 0) == teacher for r in log)
     # the toy setup is TOY_SEED's draw
     toy_module.make_toy_data(
         str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"}
@@ -48,3 +46,34 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
         assert (out / "draw1" / f"{split}.json").read_text() == (
             out / "toy/setup/data" / f"{split}.json"
         ).read_text()
+
+
+def outputs(out):
+    """Every stage's weights and the eval results."""
+    found = {p.relative_to(out): p.read_bytes() for p in out.glob("**/model.safetensors")}
+    found["results"] = sorted(open(out / "results.jsonl"))
+    return found
+
+
+def continued_as_uninterrupted(recipe, which):
+    out, proc, _, *runs = recipe
+    stopped, first, finished, again = runs[which].value()
+    assert proc.wait(timeout=900) == 0
+    assert first != 0 and again == 0
+    name = ("in-dft", "between")[which]
+    assert outputs(out / name) == outputs(out / "toy")  # bitwise
+    # nothing finished trained again, nor written over
+    assert finished and {p: os.stat(p).st_mtime_ns for p in finished} == finished
+    return stopped, out / name
+
+
+def test_a_recipe_killed_in_its_dft_stage_continues_where_it_stopped_with_the_same_command(recipe):
+    step, out = continued_as_uninterrupted(recipe, 0)
+    assert step is not None and 1 <= step < 4  # killed in the middle, after a checkpoint
+    log = [json.loads(line) for line in open(out / "seed1" / "dpt-sft-dft" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # resumed at its checkpoint
+
+
+def test_a_recipe_killed_between_stages_continues_with_the_same_command(recipe):
+    finished, _ = continued_as_uninterrupted(recipe, 1)
+    assert finished is not None and finished >= 3  # teacher-pt, seed1/pt, seed1/dpt at least
