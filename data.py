@@ -48,13 +48,22 @@ def image_seq_length(processor):
 def read_samples(json_path, image_folder, rank=0, world=1):
     """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError
     names the file and lists every bad sample id; a missing or misplaced <image> is put at the start
-    of the first turn. Each of `world` processes opens the image headers of its share of samples."""
+    of the first turn. Each of `world` processes opens the image headers of its share of samples.
+    A JSON list, or JSON Lines (one sample a line); a UTF-8 byte order mark is skipped."""
     try:
-        with open(json_path) as f:
-            rows = json.load(f)
+        with open(json_path, encoding="utf-8-sig") as f:
+            text = f.read()
+        try:
+            rows = json.loads(text)
+        except ValueError:
+            if text.lstrip().startswith("["):  # a list with an error in it: say where
+                raise
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
         assert isinstance(rows, list)
     except (OSError, ValueError, AssertionError) as e:
-        raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
+        raise DataError(
+            f"{json_path}: not a readable LLaVA JSON list of samples, nor JSON Lines ({e})"
+        ) from e
     samples, problems, moved = [], [], [0]
     for i, row in enumerate(rows):
         try:

@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 
+import safetensors
 import torch
 import torch.distributed as dist
 import transformers
@@ -158,10 +159,36 @@ def check_checkpoint(flag, path, kinds, what):
     if not os.path.isfile(config):
         problem = "no config.json in this directory" if os.path.isdir(path) else "no such directory"
         raise data.UserError(f"--{flag} {path}: {problem}; expected {what}")
-    kind = json.load(open(config)).get("model_type")
+    try:
+        kind = json.load(open(config)).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise data.UserError(
+            f"--{flag} {config}: not a JSON object ({e}); expected {what}"
+        ) from None
     wrong = kind not in kinds if kinds else kind in (None, "llava")
     if wrong:
         raise data.UserError(f"--{flag} {path}: a {kind!r} checkpoint; expected {what}")
+    for name in sorted(os.listdir(path)):  # each file's header (its tensors' places): a torn
+        # copy is named here, before anything loads
+        if name.endswith(".safetensors"):
+            try:
+                safetensors.safe_open(os.path.join(path, name), "pt").keys()
+            except Exception as e:
+                raise data.UserError(
+                    f"--{flag} {path}/{name}: cannot be read ({e}); copy it again"
+                ) from None
+    has = set(os.listdir(path))
+    if kind == "llava" and not {"tokenizer_config.json"} <= has:
+        raise data.UserError(
+            f"--{flag} {path}: no tokenizer_config.json, so no processor; save the model's "
+            f"processor there too (AutoProcessor.from_pretrained(ITS_ID).save_pretrained(DIR))"
+        )
+    if kind == "llava" and not has & {"processor_config.json", "preprocessor_config.json"}:
+        raise data.UserError(
+            f"--{flag} {path}: no processor_config.json or preprocessor_config.json, so no image "
+            f"processor; save the model's processor there too "
+            f"(AutoProcessor.from_pretrained(ITS_ID).save_pretrained(DIR))"
+        )
 
 
 # The least value of each numeric flag
@@ -412,10 +439,10 @@ def claim_out(a, master):
     """--out belongs to this run: two runs do not write at once (a lock: host and pid, removed at
     exit), and a new run does not write over another's model, checkpoint or log."""
     if master:
-        os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, "run.lock")
         me = f"{socket.gethostname()} {os.getpid()}"
         try:
+            os.makedirs(a.out, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             host, pid = (open(path).read().split() + ["", "0"])[:2]
@@ -426,6 +453,11 @@ def claim_out(a, master):
                 ) from None
             os.remove(path)  # left by a run that died on this host: taken over
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except OSError as e:  # read-only, not a directory, ...
+            raise data.UserError(
+                f"--out {a.out}: cannot be written ({type(e).__name__}: {e.strerror}); give an "
+                f"--out this process can write"
+            ) from None
         os.write(fd, me.encode())
         os.close(fd)
         _cleanups.append(lambda: release_out(path, me))
@@ -731,10 +763,27 @@ def trained_bytes(params, opt):
 
 
 def peak_bytes(device):
-    """The peak of memory allocated (CUDA) or of the process's resident memory (CPU)."""
+    """The peak of memory allocated (CUDA), or on a CPU the process's peak resident memory and the
+    pages of the checkpoint files it maps that were never read in (a frozen teacher's embedding
+    rows no token looked up): a GPU holds those weights whole, and so does the plan."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + unread_mapped_bytes()
+
+
+def unread_mapped_bytes():
+    """The bytes of this process's mapped .safetensors files not resident (/proc/self/smaps)."""
+    unread, mapped = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            field = line.split()
+            if "-" in field[0] and ":" not in field[0]:  # a mapping's header: range, ..., path
+                mapped = field[-1].endswith(".safetensors")
+            elif mapped and field[0] == "Size:":
+                unread += int(field[1]) * 1024
+            elif mapped and field[0] == "Rss:":
+                unread -= int(field[1]) * 1024
+    return unread
 
 
 def peak_reserved_bytes(device):

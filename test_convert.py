@@ -111,6 +111,7 @@ def write_tinyllava(
     llm_dtype=torch.float32,
     processor=None,
     head_bias=False,
+    tied=True,
 ):
     """A TinyLLaVA_Factory directory: config.json (the fields real checkpoints carry: text_config
     says bfloat16 whatever the weights are), tokenizer, the weights whole or in part folders, and
@@ -143,7 +144,7 @@ def write_tinyllava(
     tinyllava_tokenizer(toy).save_pretrained(out)
     if processor is not None:
         processor.save_pretrained(out)
-    language = {k: v for k, v in llm.state_dict().items() if k != "lm_head.weight"}  # tied
+    language = {k: v for k, v in llm.state_dict().items() if k != "lm_head.weight" or not tied}
     if head_bias:  # Phi-2's head
         language["lm_head.bias"] = torch.zeros(QWEN2["vocab_size"])
     parts = {

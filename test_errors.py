@@ -235,3 +235,74 @@ def test_toy_eval_names_a_wrong_model_dir():
     assert str(e.value).startswith(
         "error: --model /tmp/nonexist: no such directory"
     ) and "\n" not in str(e.value)
+
+
+def damaged(student_dir, tmp_path, damage):
+    """A copy of the student checkpoint with one fault."""
+    import shutil
+
+    path = tmp_path / damage
+    shutil.copytree(student_dir, path)
+    if damage == "torn":  # a copy cut short
+        size = os.path.getsize(path / "model.safetensors")
+        os.truncate(path / "model.safetensors", size // 2)
+    elif damage == "config":
+        (path / "config.json").write_text('{"model_type": "llava",')
+    else:  # the model alone, as some hub repositories and hand copies have it
+        for name in os.listdir(path):
+            if name not in ("config.json", "generation_config.json", "model.safetensors"):
+                os.remove(path / name)
+    return str(path)
+
+
+FAULTS = {
+    "torn": "{d}/model.safetensors: cannot be read (",
+    "config": "{d}/config.json: not a JSON object (",
+    "no_processor": "{d}: no tokenizer_config.json, so no processor; save the model's processor",
+}
+
+
+@pytest.mark.parametrize("flag", ["--init", "--teacher"])
+@pytest.mark.parametrize("damage", FAULTS)
+def test_a_damaged_checkpoint_is_one_line_naming_its_file_before_any_weights_load(
+    toy, student_dir, tmp_path, no_weights, flag, damage
+):
+    d = damaged(student_dir, tmp_path, damage)
+    argv = args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(replace(argv, flag, d))
+    message = str(e.value)
+    assert message.startswith(f"error: {flag} " + FAULTS[damage].format(d=d)), message
+    assert "\n" not in message
+
+
+def test_an_out_that_cannot_be_written_is_one_line(toy, student_dir, tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "makedirs", read_only)  # as root, chmod would not stop the test
+    argv = args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(argv)
+    assert str(e.value) == (
+        f"error: --out {tmp_path}/out: cannot be written (PermissionError: Permission denied); "
+        f"give an --out this process can write"
+    )
+
+
+def test_json_with_a_byte_order_mark_and_json_lines_are_the_same_samples(toy, tmp_path):
+    import data
+
+    source = f"{toy}/data/sft.json"
+    rows = json.load(open(source))
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + open(source, "rb").read())
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    want = data.read_samples(source, f"{toy}/data/images")
+    for path in (bom, lines):
+        assert data.read_samples(str(path), f"{toy}/data/images") == want
+    broken = tmp_path / "broken.json"
+    broken.write_text(open(source).read()[:-2])  # a list cut short: its own error, not JSON Lines'
+    with pytest.raises(data.DataError, match="not a readable LLaVA JSON list of samples"):
+        data.read_samples(str(broken), f"{toy}/data/images")

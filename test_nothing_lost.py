@@ -108,14 +108,22 @@ def test_a_repeat_is_the_same_request_and_a_later_signal_stops_at_once():
 
 
 @pytest.mark.parametrize(
-    "signum,times", [(signal.SIGHUP, 1), (signal.SIGQUIT, 1), (signal.SIGTERM, 2)]
+    "signum,times",
+    [
+        (signal.SIGHUP, 1),
+        (signal.SIGQUIT, 1),
+        (signal.SIGUSR1, 1),
+        (signal.SIGINT, 1),
+        (signal.SIGTERM, 2),
+    ],
 )
 def test_each_signal_a_scheduler_or_a_shell_sends_checkpoints_once(
     toy, ckpts, tmp_path, signum, times
 ):
-    """SIGHUP (an ssh session that drops) and SIGQUIT stop after the step with a checkpoint, as
-    SIGTERM does; SIGTERM twice in a moment (SLURM signals every process, and torchrun forwards the
-    same signal) is one request: one checkpoint, one line, exit 1."""
+    """SIGHUP (an ssh session that drops), SIGQUIT, SIGUSR1 (SLURM's usual choice, which train.sh's
+    torchrun forwards) and SIGINT stop after the step with a checkpoint, as SIGTERM does; SIGTERM
+    twice in a moment (SLURM signals every process, and torchrun forwards the same signal) is one
+    request: one checkpoint, one line, exit 1."""
     out = tmp_path / "run"
     run = [launch(sft(toy, ckpts, out, "--epochs", "50"))]
     (output,) = stop_after_first_step(run, out, signum, times, gap=0.05)  # within one step

@@ -1,0 +1,333 @@
+"""Properties that a copier of the losses, a refactor of the loop or a slip in a file could break
+without any other test seeing it: each one is broken on purpose once to see its test fail."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import convert_tinyllava
+import data
+import llava_kd
+import runtime
+import test_convert
+from test_losses import batch
+from test_train import ROOT, args
+
+
+def test_every_spec_loss_divides_by_the_count_it_is_given():
+    """Micro-batches, each divided by the whole batch's count, add up to the batch: for each spec
+    function alone (a copier takes one of them, not distill_loss)."""
+    h_s, w_s, h_t, w_t, labels, visual, _ = batch(B=4)
+    s, t = (h_s @ w_s.T).detach(), (h_t @ w_t.T).detach()
+    answers = llava_kd.response_rows(labels).sum()
+    images = visual.any(1).sum()
+    calls = [
+        (lambda i, n: llava_kd.next_token_loss(s[i], labels[i], n), answers),
+        (lambda i, n: llava_kd.response_loss(s[i], t[i], labels[i], n), answers),
+        (lambda i, n: llava_kd.visual_loss(s[i], t[i], visual[i], n), visual.sum()),
+        (lambda i, n: llava_kd.relation_loss(s[i], t[i], visual[i], n), images),
+    ]
+    parts = (slice(0, 1), slice(1, 4))  # of different counts
+    for loss, count in calls:
+        whole = loss(slice(0, 4), None)
+        torch.testing.assert_close(sum(loss(i, count) for i in parts), whole)
+        # and a count that is not the micro-batch's own changes the value
+        assert not torch.allclose(loss(parts[0], count), loss(parts[0], None))
+
+
+def test_fused_loss_of_bf16_inputs_without_autocast_accumulates_in_float32():
+    """bf16 hidden states and heads, no autocast: the GEMMs are bf16, all after them float32. The
+    loss equals float64 math on the same bf16 logits to float32's precision (bf16 math: ~1e-2)."""
+    h_s, w_s, h_t, w_t, labels, visual, attention = batch(B=3, T=20, Vs=300, Vt=300)
+    hb, wb = h_s.detach().bfloat16().requires_grad_(), w_s.detach().bfloat16().requires_grad_()
+    htb, wtb = h_t.bfloat16(), w_t.bfloat16()
+    kw = dict(delta=0.3, attention_mask=attention, block=300)  # a row a block: 40 blocks summed
+    loss, terms = llava_kd.fused_loss(hb, wb, labels, visual, htb, wtb, **kw)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
+    s64 = (hb @ wb.T).double().detach().requires_grad_()  # the bf16 GEMM's own logits
+    t64 = (htb @ wtb.T).double()
+    # L_rel from the float64 logits of the bf16 inputs (the lean path forms R from H W^T W)
+    want, want_terms = llava_kd.distill_loss(
+        s64, t64, labels, visual, delta=0.3, attention_mask=attention
+    )
+    want = want + llava_kd.next_token_loss(s64, labels)
+    for name in ("L_res", "L_vis", "L_pro"):
+        torch.testing.assert_close(terms[name].double(), want_terms[name], rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(
+        terms["L_reg"].double(),
+        want
+        - sum(
+            w * want_terms[k]
+            for k, w in (("L_res", 1), ("L_vis", 1), ("L_rel", 0.5), ("L_pro", 0.3))
+        ),
+        rtol=2e-6,
+        atol=1e-7,
+    )
+    (g_w,) = torch.autograd.grad(loss, wb)
+    assert g_w.dtype == torch.bfloat16
+    # dL/dW summed over 40 blocks in float32, rounded to bf16 once
+    (g64,) = torch.autograd.grad(want - 0.5 * want_terms["L_rel"], s64)
+    ref = (g64.flatten(0, 1).T @ hb.detach().double().flatten(0, 1)).float()
+    err = (g_w.float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.05  # L_rel's share (left out of ref) is small at these shapes
+
+
+def test_each_epoch_is_a_new_shuffle_of_the_samples(toy, ckpts, tmp_path, monkeypatch):
+    seen = []
+    collate = data.collate
+
+    def recording(rows, pad_token_id):
+        seen.extend(r["id"] for r in rows)
+        return collate(rows, pad_token_id)
+
+    monkeypatch.setattr(data, "collate", recording)
+    argv = args(toy, "sft", tmp_path / "o", "--init", str(ckpts / "student"), "--epochs", "2")
+    llava_kd.main(argv + ["--max_length", "512"])
+    n = len(seen) // 2  # 6 steps of 16 an epoch
+    first, second = seen[:n], seen[n:]
+    assert n == 96 and len(set(first)) == len(set(second)) == n  # each sample once an epoch
+    assert first != second  # reshuffled
+    # and what set_epoch gives: another order of the same kind
+    assert sorted(first) != first
+
+
+def test_the_fsdp2_policy_gathers_bf16_and_reduces_float32(ckpts, monkeypatch):
+    """The policy the loop builds on CUDA (bf16=True), read back from every FSDP module."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model, _ = llava_kd.load_llava(ckpts / "student", torch.float32)
+        student = runtime.shard(llava_kd.Student(model), model, bf16=True)
+        modules = [m for m in student.modules() if isinstance(m, FSDPModule)]
+        assert len(modules) == len(model.model.language_model.layers) + 1
+        for m in modules:
+            policy = m._get_fsdp_state()._mp_policy
+            assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "global_batch, batch_size, world, ok",
+    [
+        (16, 8, 1, True),
+        (16, 4, 2, True),
+        (24, 4, 3, True),
+        (16, 3, 1, False),
+        (16, 4, 3, False),
+        (12, 8, 1, False),
+        (8, 8, 2, False),
+    ],
+)
+def test_a_global_batch_not_a_multiple_of_batch_size_times_processes_is_refused(
+    toy, ckpts, tmp_path, global_batch, batch_size, world, ok
+):
+    argv = args(toy, "sft", tmp_path / "o", "--init", str(ckpts / "student"))
+    argv[argv.index("--global_batch_size") + 1] = str(global_batch)
+    argv[argv.index("--batch_size") + 1] = str(batch_size)
+    parser_args = parse(argv)
+    stage = llava_kd.STAGES["sft"]
+    if ok:
+        got = runtime.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
+        assert got == global_batch  # never rounded
+    else:
+        with pytest.raises(
+            data.UserError, match=f"must be a multiple of --batch_size {batch_size}"
+        ):
+            runtime.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
+
+
+def parse(argv):
+    """The namespace llava_kd.main would train with."""
+    seen = {}
+
+    def keep(a):
+        seen["a"] = a
+
+    real = llava_kd.train
+    llava_kd.train = keep
+    try:
+        llava_kd.main(argv)
+    finally:
+        llava_kd.train = real
+    return seen["a"]
+
+
+def test_a_checkpoint_is_complete_only_with_every_file_it_wrote(ckpts, tmp_path):
+    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    state = dict(step=3, optimizer={"w": torch.ones(1000)}, args={})
+    runtime.save_checkpoint(model, proc, state, str(tmp_path))
+    ckpt = tmp_path / "checkpoint"
+    listed = json.load(open(ckpt / runtime.COMPLETE))["files"]
+    assert set(listed) == set(os.listdir(ckpt)) - {runtime.COMPLETE}
+    assert "train_state.pt" in listed and "model.safetensors" in listed
+    assert runtime.checkpoint_problem(str(ckpt)) is None
+    for name in ("train_state.pt", "model.safetensors", "config.json"):
+        size = os.path.getsize(ckpt / name)
+        os.truncate(ckpt / name, size - 1)
+        assert f"{ckpt / name} has {size - 1} bytes where the save wrote {size}" == (
+            runtime.checkpoint_problem(str(ckpt))
+        )
+        with open(ckpt / name, "ab") as f:
+            f.write(b"\0")  # the size back (the content no longer matters here)
+
+
+def fake_checkpoint(path, step):
+    os.makedirs(path)
+    (path / "train_state.pt").write_bytes(b"x" * step)
+    sizes = {"train_state.pt": step}
+    (path / runtime.COMPLETE).write_text(json.dumps(dict(step=step, files=sizes)))
+
+
+@pytest.mark.parametrize(
+    "present, newest",
+    [
+        ({"checkpoint.tmp": 5, "checkpoint.old": 4}, "checkpoint.tmp"),  # crashed between renames
+        ({"checkpoint.old": 4, "checkpoint.tmp": 5}, "checkpoint.tmp"),
+        ({"checkpoint": 6, "checkpoint.old": 5}, "checkpoint"),
+        ({"checkpoint": 5, "checkpoint.tmp": 6}, "checkpoint.tmp"),
+        ({"checkpoint": 4, "checkpoint.old": 7}, "checkpoint.old"),
+    ],
+)
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path, present, newest):
+    for name, step in present.items():
+        fake_checkpoint(tmp_path / name, step)
+    assert runtime.find_checkpoint(str(tmp_path)) == str(tmp_path / newest)
+    os.remove(tmp_path / newest / runtime.COMPLETE)  # torn: the next newest
+    rest = {n: s for n, s in present.items() if n != newest}
+    assert runtime.find_checkpoint(str(tmp_path)) == str(tmp_path / max(rest, key=rest.get))
+
+
+def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
+    s, t = runtime.meta_llava(str(ckpts / "student")), runtime.meta_llava(str(ckpts / "teacher"))
+    llava_kd.apply_stage(s, "dft")
+    tower = sum(p.numel() for p in s.model.vision_tower.parameters())
+    rest = sum(p.numel() for p in s.parameters()) - tower
+    trained = sum(p.numel() for p in s.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in t.parameters()) - sum(
+        p.numel() for p in t.model.vision_tower.parameters()
+    )
+    D_t = t.config.text_config.hidden_size
+    for cuda, fsdp, world, per_node in [
+        (False, False, 1, 1),
+        (True, False, 8, 8),
+        (True, True, 8, 8),
+        (True, True, 16, 8),
+    ]:
+        rows = runtime.memory_plan(s, t, 2, 256, world, cuda, fsdp, 0.5, per_node, accum=2)
+        got = {what: b for what, b, _ in rows}
+        shards = per_node if fsdp else 1
+        assert got["student weights, float32 (vision tower whole)"] == 4 * rest / shards + 4 * tower
+        assert got["gradients, float32"] == 4 * trained / shards
+        assert got["AdamW moments, float32"] == 8 * trained / shards
+        assert got["teacher, frozen (the tower is the student's)"] == (2 if cuda else 4) * frozen
+        assert got["teacher's W_t^T W_t"] == 4 * D_t**2
+        when = {what: w for what, _, w in rows}
+        assert when["gradients, float32"] == "held"  # accum 2: kept through the micro-steps
+    no_gram = runtime.memory_plan(s, t, 2, 256, 1, False, False, 0.0)
+    assert dict((w, b) for w, b, _ in no_gram)["teacher's W_t^T W_t"] == 0
+
+
+def test_the_converter_pads_an_untied_head_as_it_pads_the_embeddings(toy, tmp_path, monkeypatch):
+    """A source whose vocabulary has no row for <image>: both the embeddings and an untied head get
+    one (zero), and the logits of every other token are the source's."""
+    n = len(test_convert.tinyllava_tokenizer(toy))  # the rows the source has: none for <image>
+    monkeypatch.setitem(test_convert.QWEN2, "vocab_size", n)
+    monkeypatch.setitem(test_convert.QWEN2, "tie_word_embeddings", False)
+    test_convert.write_tinyllava(tmp_path / "src", toy, False, tied=False)
+    convert_tinyllava.convert(str(tmp_path / "src"), str(tmp_path / "out"), None)
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    emb, head = model.get_input_embeddings().weight, model.lm_head.weight
+    assert not model.config.tie_word_embeddings and emb.data_ptr() != head.data_ptr()
+    assert emb.shape[0] == head.shape[0] == n + 1 == model.config.text_config.vocab_size
+    assert not head[n:].any() and not emb[n:].any() and head[:n].abs().sum() > 0
+
+
+def test_the_length_check_is_exact_at_the_boundary(toy, ckpts):
+    """The first answer token at position max_length - 1 fits (and is trained); at max_length it
+    does not. The last at max_length - 1: whole; at max_length: cut short (a note)."""
+    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    data.prepare_chat(proc, model.generation_config, str(ckpts / "student"), True)
+    sample = json.load(open(f"{toy}/data/sft.json"))[0]
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=4096
+    )
+    ds.rows = [ds.rows[0]]
+    item = ds[0]
+    answer = (item["labels"] != data.IGNORE).nonzero().flatten()
+    first, last = int(answer[0]), int(answer[-1])  # with the image tokens in place
+    for max_length, refused, cut in [
+        (first, True, False),
+        (first + 1, False, True),
+        (last, False, True),
+        (last + 1, False, False),
+    ]:
+        ds.max_length = max_length
+        data.NOTES.clear()
+        if refused:
+            with pytest.raises(data.DataError, match=f"{sample['id']} \\(needs {first + 1}\\)"):
+                ds.check_lengths()
+            continue
+        ds.check_lengths()
+        assert bool(data.NOTES) == cut, max_length
+        assert (ds[0]["labels"] != data.IGNORE).sum() >= 1  # what the check let in trains
+    data.NOTES.clear()
+
+
+def test_train_sh_chains_the_real_recipes_stages(tmp_path):
+    """The real recipe's commands, recorded by a stand-in Python: each stage's --init is the stage
+    before it, dpt and dft learn from the SFT'd teacher, pt/dpt read PT_DATA, sft/dft SFT_DATA."""
+    record = tmp_path / "commands"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {record}\n')
+    fake.chmod(0o755)
+    env = dict(
+        os.environ,
+        PYTHON=str(fake),
+        OUT="O",
+        NGPU="2",
+        VISION="V",
+        TEACHER_LLM="TL",
+        STUDENT_LLM="SL",
+        PT_DATA="P.json",
+        PT_IMAGES="PI",
+        SFT_DATA="S.json",
+        SFT_IMAGES="SI",
+        BATCH="4",
+        EXTRA="--x",
+    )
+    for teacher in (None, "T"):
+        record.unlink(missing_ok=True)
+        run_env = dict(env, **({"TEACHER": teacher} if teacher else {}))
+        subprocess.run(["bash", "train.sh"], cwd=ROOT, env=run_env, check=True, capture_output=True)
+        cmds = record.read_text().splitlines()
+        wrapped = [c.split(" llava_kd.py train ")[1].replace(f"{tmp_path}/", "") for c in cmds]
+        pt, sft = "--data P.json --images PI --batch_size 4 --x", "--data S.json --images SI"
+        sft += " --batch_size 4 --x"
+        kd = teacher or "O/teacher"
+        want = [
+            f"--stage dpt {pt} --vision V --llm SL --teacher {kd} --out O/student-dpt",
+            f"--stage sft {sft} --init O/student-dpt --out O/student-dpt-sft --fsdp",
+            f"--stage dft {sft} --init O/student-dpt-sft --teacher {kd} --out "
+            f"O/student-llava-kd --fsdp",
+        ]
+        if not teacher:
+            want = [
+                f"--stage pt {pt} --vision V --llm TL --out O/teacher-pt",
+                f"--stage sft {sft} --init O/teacher-pt --out O/teacher --fsdp",
+            ] + want
+        assert wrapped == [w + " --auto_resume" for w in want]
+        # through torchrun's stand-in (runtime.py) on 2 processes
+        assert all(c.startswith("runtime.py --standalone --nproc_per_node=2 ") for c in cmds)
