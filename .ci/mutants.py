@@ -1,0 +1,334 @@
+"""A mutation round: each deliberate bug applied alone to a copy of the repository, and the tests
+that should see it run against it (-x: the first failure kills it). Not run by CI.
+
+    python .ci/mutants.py [--only NAME ...] [--copy /tmp/mutants]
+
+A mutant is (name, file, the text as it is, the text with the bug, test files). It survives when
+those tests pass with the bug in: then a property is unguarded (or the bug is not one, say why).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+LOSS = ["test_losses.py", "test_properties.py"]
+DATA = ["test_model_data.py", "test_properties.py", "test_errors.py"]
+LOOP = ["test_train.py", "test_properties.py", "test_nothing_lost.py"]
+RUNTIME = ["test_nothing_lost.py", "test_plan.py", "test_continue.py", "test_properties.py"]
+SCRIPT = ["test_properties.py", "test_continue.py", "test_recipe.py"]
+
+MUTANTS = [
+    # the twelve properties of issue 43
+    (
+        "next_token_loss ignores its count",
+        "llava_kd.py",
+        "return nll.sum() / (num_rows or rows.sum().clamp_min(1))",
+        "return nll.sum() / rows.sum().clamp_min(1)",
+        LOSS,
+    ),
+    (
+        "fused_loss accumulates in the input dtype",
+        "llava_kd.py",
+        "acc_dtype = torch.promote_types(h_s.dtype, torch.float32)",
+        "acc_dtype = h_s.dtype",
+        LOSS,
+    ),
+    (
+        "every epoch the same order",
+        "llava_kd.py",
+        "sampler.set_epoch(epoch)",
+        "sampler.set_epoch(0)",
+        LOOP,
+    ),
+    (
+        "FSDP2 reduces in bf16",
+        "runtime.py",
+        "MixedPrecisionPolicy(torch.bfloat16, torch.float32)",
+        "MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16)",
+        LOOP,
+    ),
+    (
+        "global batch checked against batch size only",
+        "runtime.py",
+        "if global_batch % (a.batch_size * world):",
+        "if global_batch % a.batch_size:",
+        RUNTIME,
+    ),
+    (
+        "complete.json leaves out train_state.pt",
+        "runtime.py",
+        "for n in sorted(os.listdir(tmp))}",
+        'for n in sorted(os.listdir(tmp)) if n != "train_state.pt"}',
+        RUNTIME,
+    ),
+    (
+        "SIGUSR1 not taken",
+        "runtime.py",
+        "SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT,",
+        "SIGNALS = (signal.SIGTERM, signal.SIGINT,",
+        RUNTIME,
+    ),
+    (
+        "AdamW moments 4 bytes",
+        "runtime.py",
+        '("AdamW moments, float32", 8 * trained / shards, "held")',
+        '("AdamW moments, float32", 4 * trained / shards, "held")',
+        RUNTIME,
+    ),
+    (
+        "converter pads the embeddings only",
+        "convert_tinyllava.py",
+        'for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):',
+        'for k in ("model.language_model.embed_tokens.weight",):',
+        ["test_properties.py", "test_convert.py"],
+    ),
+    (
+        "length check shifts by all image tokens",
+        "data.py",
+        "shift = self.n_image_tokens - 1 if image is not None else 0",
+        "shift = self.n_image_tokens if image is not None else 0",
+        DATA,
+    ),
+    (
+        "train.sh: dft from dpt, not dpt-sft",
+        "train.sh",
+        'stage dft $SFT --init "$OUT/student-dpt-sft"',
+        'stage dft $SFT --init "$OUT/student-dpt"',
+        SCRIPT,
+    ),
+    (
+        "resume takes the first complete checkpoint",
+        "runtime.py",
+        "return max(found)[1] if found else None, problems",
+        "return found[0][1] if found else None, problems",
+        RUNTIME,
+    ),
+    # losses
+    (
+        "KL's arguments swapped",
+        "llava_kd.py",
+        "F.kl_div(log_p_s, log_p_t.detach(), log_target=True",
+        "F.kl_div(log_p_t.detach(), log_p_s, log_target=True",
+        LOSS,
+    ),
+    (
+        "L_rel: 1 + cos",
+        "llava_kd.py",
+        "return 1 - torch.sum(R_s * R_t) / norms.clamp_min(1e-16)",
+        "return 1 + torch.sum(R_s * R_t) / norms.clamp_min(1e-16)",
+        LOSS,
+    ),
+    (
+        "lean L_rel: dL/dW without the transpose",
+        "llava_kd.py",
+        "dL_dW[:v].addmm_(w_acc, dL_dM + dL_dM.T)",
+        "dL_dW[:v].addmm_(w_acc, 2 * dL_dM)",
+        LOSS,
+    ),
+    (
+        "prompt rows include the visual rows",
+        "llava_kd.py",
+        "rows = ~response_rows(labels) & ~visual_mask",
+        "rows = ~response_rows(labels)",
+        LOSS,
+    ),
+    (
+        "lean path: dL/dh from the wrong head",
+        "llava_kd.py",
+        "dL_dh[idx] = (G @ w_gemm).to(acc_dtype)",
+        "dL_dh[idx] = (G @ w_gemm).to(acc_dtype) * 0.5",
+        LOSS,
+    ),
+    # data
+    (
+        "plain template without eos",
+        "data.py",
+        '["input_ids"] + [\n            self.tok.eos_token_id\n        ]',
+        '["input_ids"]',
+        DATA,
+    ),
+    (
+        "images checked by rank 0 only",
+        "data.py",
+        "_check(row, i, image_folder, moved, i % world == rank)",
+        "_check(row, i, image_folder, moved, i % world == 0)",
+        DATA + ["test_train.py"],
+    ),
+    (
+        "truncation one token short",
+        "data.py",
+        "ids = ids[: self.max_length]",
+        "ids = ids[: self.max_length - 1]",
+        DATA,
+    ),
+    (
+        "collate pads the labels with the pad id",
+        "data.py",
+        '"labels": torch.full((B, T), IGNORE),',
+        '"labels": torch.full((B, T), pad_token_id),',
+        DATA,
+    ),
+    # the loop
+    (
+        "counts not divided by the processes",
+        "llava_kd.py",
+        "return [max(float(c), 1.0) / world for c in count[:4]]",
+        "return [max(float(c), 1.0) for c in count[:4]]",
+        LOOP,
+    ),
+    (
+        "no checkpoint when a signal stops the run",
+        "llava_kd.py",
+        "(step + 1) % a.save_every == 0) or stopping:",
+        "(step + 1) % a.save_every == 0):",
+        LOOP,
+    ),
+    (
+        "warm-up one step longer",
+        "llava_kd.py",
+        "return peak * (step + 1) / warmup",
+        "return peak * step / warmup",
+        LOOP,
+    ),
+    (
+        "clip at 10",
+        "llava_kd.py",
+        'clip_grad_norm_(params, table["clip"])',
+        "clip_grad_norm_(params, 10.0)",
+        LOOP,
+    ),
+    # runtime
+    (
+        "lr may change on resume",
+        "runtime.py",
+        'MAY_CHANGE = {"resume", "max_steps",',
+        'MAY_CHANGE = {"lr", "resume", "max_steps",',
+        RUNTIME,
+    ),
+    (
+        "resumed log keeps the lines before the step only",
+        "runtime.py",
+        "if step <= resume_step:",
+        "if step < resume_step:",
+        RUNTIME,
+    ),
+    ("a repeated signal stops at once", "runtime.py", "REPEAT = 60", "REPEAT = 0", RUNTIME),
+    (
+        "no fragmentation margin",
+        "runtime.py",
+        "(held + max(forward, step)) * (1.1 if cuda else 1.0)",
+        "(held + max(forward, step))",
+        RUNTIME,
+    ),
+    (
+        "a finished stage keeps its checkpoint",
+        "runtime.py",
+        "    if finished:\n        for name in CHECKPOINTS:",
+        "    if False:\n        for name in CHECKPOINTS:",
+        RUNTIME,
+    ),
+    (
+        "auto_resume skips whatever max_steps",
+        "runtime.py",
+        'if done["args"].get("max_steps") == a.max_steps:',
+        "if True:",
+        RUNTIME,
+    ),
+    (
+        "--drop_too_long keeps them",
+        "runtime.py",
+        "ds.rows = [row for i, row in enumerate(ds.rows) if i not in gone]",
+        "ds.rows = list(ds.rows)",
+        RUNTIME,
+    ),
+    # the converter
+    (
+        "converter counts CLIP's CLS twice",
+        "convert_tinyllava.py",
+        "** 2 - 1 + int(clip)",
+        "** 2 + int(clip)",
+        ["test_convert.py"],
+    ),
+    (
+        "converter takes the last layer",
+        "convert_tinyllava.py",
+        'vision_feature_layer=cfg.get("vision_feature_layer", -2)',
+        'vision_feature_layer=cfg.get("vision_feature_layer", -1)',
+        ["test_convert.py"],
+    ),
+    # train.sh and the toy
+    (
+        "train.sh: dft under DDP",
+        "train.sh",
+        "[[ $1 == sft || $1 == dft ]]",
+        "[[ $1 == sft ]]",
+        SCRIPT,
+    ),
+    (
+        "train.sh passes no SIGUSR1",
+        "train.sh",
+        "for s in TERM INT HUP QUIT USR1; do trap",
+        "for s in TERM INT HUP QUIT; do trap",
+        SCRIPT + ["test_nothing_lost.py"],
+    ),
+    (
+        "toy: PT-SFT-DFT from PT",
+        "train.sh",
+        "stage dft $SFT --seed $1 --init $OUT/seed$1/pt-sft ",
+        "stage dft $SFT --seed $1 --init $OUT/seed$1/pt ",
+        SCRIPT,
+    ),
+    (
+        "toy table: population sd",
+        "toy.py",
+        "/ max(len(xs) - 1, 1)) ** 0.5",
+        "/ max(len(xs), 1)) ** 0.5",
+        ["test_toy.py"],
+    ),
+    (
+        "toy prior: the least frequent answer",
+        "toy.py",
+        "answers[q].most_common(1)[0][0]",
+        "answers[q].most_common()[-1][0]",
+        ["test_toy.py", "test_recipe.py"],
+    ),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="+", help="mutant names (a part of the name)")
+    ap.add_argument("--copy", default="/tmp/mutants", help="where the repository is copied")
+    a = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.rmtree(a.copy, ignore_errors=True)
+    shutil.copytree(root, a.copy, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__"))
+    chosen = [m for m in MUTANTS if not a.only or any(o in m[0] for o in a.only)]
+    killed = 0
+    for name, file, old, new, tests in chosen:
+        path = os.path.join(a.copy, file)
+        text = open(path).read()
+        assert text.count(old) == 1, f"{name}: {old!r} is in {file} {text.count(old)} times"
+        open(path, "w").write(text.replace(old, new))
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        try:
+            done = subprocess.run(cmd, cwd=a.copy, capture_output=True, text=True, timeout=1200)
+            code, tail = done.returncode, done.stdout.strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            code, tail = "timeout", []
+        open(path, "w").write(text)
+        dead = code != 0
+        killed += dead
+        verdict = "killed  " if dead else "SURVIVED"
+        print(
+            f"{verdict} {time.time() - t0:5.0f} s  {name}  ({file}; {' '.join(tail)})", flush=True
+        )
+    print(f"score: {killed} of {len(chosen)} killed ({killed / len(chosen):.0%})")
+
+
+if __name__ == "__main__":
+    main()
