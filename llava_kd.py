@@ -9,17 +9,17 @@
 Each stage writes OUT/ (the model and its processor: stock from_pretrained loads it), OUT/log.jsonl
 (every loss term, lr, grad_norm, tokens/s and memory, a line a step) and OUT/checkpoint/ (--resume).
 Top to bottom, as the paper: the losses (Sec. 3: MDist = L_res + L_vis, RDist = L_rel, their sum
-L_DPT / L_DFT), the model and the stage table (Table A9), the training loop, the command line. Chat
-templates are in data.py; flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.py.
+L_DPT / L_DFT), the model and the stage table (Table A9), the training loop. Chat templates are in
+data.py; the flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.py.
 """
 
-import argparse
 import contextlib
 import functools
 import json
 import math
 import os
 import time
+import types
 
 import torch
 import torch.distributed as dist
@@ -221,30 +221,39 @@ def fused_loss(
                 dL_dW.addmm_(G.T, h_block)
             elif dL_dW is not None:
                 dL_dW += G.T @ h_block  # a bf16 product, summed in float32
-        # L_rel: R = Y Y^T = H M H^T with M = W^T W; autograd on [K, D] and [D, D] tensors only
-        if K:
-            w_acc = w[:v].to(acc_dtype)
-            M_s = (w_acc.T @ w_acc).requires_grad_()
-            H_s = h[rel_rows].to(acc_dtype).requires_grad_()
-            if m_t is not None:  # R_t = H_t M_t H_t^T
-                R_t = [H @ m_t.to(acc_dtype) @ H.T for H in h_t[rel_rows].to(acc_dtype).split(K)]
-            else:  # R_t = Y_t Y_t^T summed over chunks of the teacher's vocabulary: never [K, V]
-                R_t = [0] * len(K)
-                for w_chunk in w_t_gemm[:v].split(max(1, block // len(rel_rows))):
-                    Y_t = (h_t[rel_rows].to(gemm_dtype) @ w_chunk.T).to(acc_dtype).split(K)
-                    R_t = [R + Y @ Y.T for R, Y in zip(R_t, Y_t)]
-            with torch.enable_grad():
-                R_s = [H @ M_s @ H.T for H in H_s.split(K)]
-                relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
-                dL_dH, dL_dM = torch.autograd.grad(relation * scale[4], (H_s, M_s))
-            sums[4] = relation.detach()
+        if K:  # L_rel, from [K, D] and [D, D] tensors
+            H_t = h_t[rel_rows]
+            args = (h[rel_rows], H_t, w[:v], w_t_gemm[:v], K, m_t, acc_dtype, block, scale[4])
+            relation, dL_dH, dL_dM = lean_relation(*args)
+            sums[4] = relation
             dL_dh.index_add_(0, rel_rows, dL_dH)
             if dL_dW is not None:  # M = W^T W:  dL/dW = W (dL/dM + dL/dM^T)
-                dL_dW[:v].addmm_(w_acc, dL_dM + dL_dM.T)
+                dL_dW[:v].addmm_(w[:v].to(acc_dtype), dL_dM)
     loss = (sums * scale).sum().to(acc_dtype)
     loss = _GivenGradients.apply(loss, h_s, w_s, dL_dh.view(h_s.shape), dL_dW)
     names = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel") if teacher else ("L_reg",)
     return loss, dict(zip(names, (sums / n).to(acc_dtype)))
+
+
+def lean_relation(H_s, H_t, w_s, w_t, K, m_t, dtype, block, scale):
+    """L_rel summed over the samples (K visual rows each), no [K, V] logit: R = Y Y^T = H M H^T, M =
+    W^T W. H_s, H_t: the rows' hidden states; w_s, w_t: the heads on the shared vocabulary; m_t:
+    W_t^T W_t if given; dtype: the math's. (L_rel, scale dL/dH_s, scale (dL/dM_s + dL/dM_s^T))"""
+    w_acc = w_s.to(dtype)
+    M_s = (w_acc.T @ w_acc).requires_grad_()
+    H_s = H_s.to(dtype).requires_grad_()
+    if m_t is not None:  # R_t = H_t M_t H_t^T
+        R_t = [H @ m_t.to(dtype) @ H.T for H in H_t.to(dtype).split(K)]
+    else:  # R_t = Y_t Y_t^T summed over chunks of the teacher's vocabulary: never [K, V]
+        R_t = [0] * len(K)
+        for w_chunk in w_t.split(max(1, block // len(H_t))):
+            Y_t = (H_t.to(w_t.dtype) @ w_chunk.T).to(dtype).split(K)
+            R_t = [R + Y @ Y.T for R, Y in zip(R_t, Y_t)]
+    with torch.enable_grad():
+        R_s = [H @ M_s @ H.T for H in H_s.split(K)]
+        relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
+        dL_dH, dL_dM = torch.autograd.grad(relation * scale, (H_s, M_s))
+    return relation.detach(), dL_dH, dL_dM + dL_dM.T
 
 
 class _GivenGradients(torch.autograd.Function):
@@ -591,8 +600,9 @@ def load(a, checked, cuda, world, rank):
     return model, processor, teacher, ds, left_out
 
 
-def train(a):
-    # DDP, as nanoGPT: torchrun sets RANK; one process a device; NCCL on CUDA, gloo on CPU
+def start(a):
+    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
+    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available() and not a.cpu
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -602,21 +612,22 @@ def train(a):
         runtime.init_distributed(cuda)
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
-    master = rank == 0
-    # flags and every sample first: a typo costs seconds, not a teacher's loading time
+    return ddp, cuda, device, rank, world
+
+
+def wire(a, ddp, cuda, device, rank, world):
+    """What a stage needs before its first step: the checks (flags and every sample first: a typo
+    costs seconds, not a teacher's loading time), the models in their modes, the student wrapped
+    (DDP or FSDP2), AdamW, the schedule and the step to resume at. None: nothing to train."""
     checked = runtime.agreed(check, a, device, world, rank)
-    runtime.print_notes(master)
-    if checked is None:  # --plan printed, or the stage had finished: nothing loaded
-        if ddp:
-            dist.destroy_process_group()
-        return
+    runtime.print_notes(rank == 0)
+    if checked is None:  # --plan printed, or the stage had finished
+        return None
     global_batch, _, state, _, _ = checked
     model, processor, teacher, ds, left_out = runtime.agreed(load, a, checked, cuda, world, rank)
-    runtime.print_notes(master)
+    runtime.print_notes(rank == 0)
     if a.drop_too_long:
-        runtime.leave_out(ds, runtime.gathered(left_out), global_batch, a.out, master)
-    if teacher is not None:
-        teacher.to(device)
+        runtime.leave_out(ds, runtime.gathered(left_out), global_batch, a.out, rank == 0)
     apply_stage(model, a.stage)
     model.to(device)
     # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
@@ -626,19 +637,16 @@ def train(a):
     if a.grad_checkpointing:  # transformers 5.x: activation_checkpointing_enable, the new name
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
+    teacher = teacher.to(device) if teacher is not None else None
     m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
+    student = Student(model, m_t)
     if a.fsdp:
-        student = runtime.shard(Student(model, m_t), model, bf16=cuda)
+        student = runtime.shard(student, model, bf16=cuda)
     elif ddp:
         # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
         # unused ones; the gradients live in DDP's buckets (no second copy)
-        student = DDP(
-            Student(model, m_t),
-            device_ids=[device.index] if cuda else None,
-            gradient_as_bucket_view=True,
-        )
-    else:
-        student = Student(model, m_t)
+        ids = [device.index] if cuda else None
+        student = DDP(student, device_ids=ids, gradient_as_bucket_view=True)
     params = [p for p in model.parameters() if p.requires_grad]
     table = TABLE_A9[a.stage]
     lr = table["lr"] if a.lr is None else a.lr
@@ -646,13 +654,8 @@ def train(a):
     # its sharded parameters are DTensors, and fused AdamW on them has not run here)
     fused = cuda and not a.fsdp
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=fused)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    accum = global_batch // (a.batch_size * world)  # micro-steps an optimizer step, each process
     steps_per_epoch = len(ds) // global_batch
     total = steps_per_epoch * (table["epochs"] if a.epochs is None else a.epochs)
-    end = total if a.max_steps is None else min(total, a.max_steps)  # the schedule is `total`'s
-    ckpt = os.path.join(a.out, "checkpoint")
     step = 0
     if a.resume:
         if (state["total"], state["global_batch"]) != (total, global_batch):
@@ -662,90 +665,125 @@ def train(a):
             )
         runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp)
         step = state["step"]
-    weights = (a.alpha, a.beta, a.gamma, a.delta)
-    collate = functools.partial(data.collate, pad_token_id=processor.tokenizer.pad_token_id)
+    return types.SimpleNamespace(
+        model=model,
+        processor=processor,
+        teacher=teacher,
+        student=student,
+        params=params,
+        opt=opt,
+        ds=ds,
+        table=table,
+        lr=lr,
+        global_batch=global_batch,
+        accum=global_batch // (a.batch_size * world),  # micro-steps a step, each process
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        end=total if a.max_steps is None else min(total, a.max_steps),  # the schedule: total's
+        step=step,
+    )
 
-    def micro_batches(step):
-        """This process's micro-batches from optimizer step `step` on. The order depends only on the
-        seed and the epoch, so a resumed run sees what an uninterrupted one would have."""
-        per_step = accum * a.batch_size
-        while True:
-            epoch, skip = divmod(step, steps_per_epoch)
-            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=a.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            order = list(sampler)[skip * per_step : steps_per_epoch * per_step]
-            loader = torch.utils.data.DataLoader(
-                ds,
-                a.batch_size,
-                sampler=order,
-                collate_fn=collate,
-                num_workers=a.workers,
-                worker_init_fn=runtime.ignore_signals,
-            )
-            yield from runtime.loader_batches(loader)
-            step = (epoch + 1) * steps_per_epoch
 
-    def checkpoint(done):
-        """out/checkpoint after `done` steps (under FSDP every process gathers the full state)."""
-        full_weights, opt_state = runtime.full_state(student, opt) if a.fsdp else (None, None)
-        state = dict(
-            step=done,
-            total=total,
-            global_batch=global_batch,
-            seed=a.seed,
-            optimizer=opt_state if a.fsdp else opt.state_dict(),
-            args=vars(a),
+def micro_batches(a, r, rank, world, step):
+    """This process's micro-batches from optimizer step `step` on. The order depends only on the
+    seed and the epoch, so a resumed run sees what an uninterrupted one would have."""
+    collate = functools.partial(data.collate, pad_token_id=r.processor.tokenizer.pad_token_id)
+    per_step = r.accum * a.batch_size
+    while True:
+        epoch, skip = divmod(step, r.steps_per_epoch)
+        sampler = DistributedSampler(r.ds, world, rank, shuffle=True, seed=a.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * per_step : r.steps_per_epoch * per_step]
+        loader = torch.utils.data.DataLoader(
+            r.ds,
+            a.batch_size,
+            sampler=order,
+            collate_fn=collate,
+            num_workers=a.workers,
+            worker_init_fn=runtime.ignore_signals,
         )
-        # rank 0 writes, the others wait: nobody runs ahead of a checkpoint being written
-        what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
-        save = runtime.save_checkpoint
-        runtime.on_rank0(master, what, save, model, processor, state, a.out, full_weights)
+        yield from runtime.loader_batches(loader)
+        step = (epoch + 1) * r.steps_per_epoch
 
-    log = None
+
+def save(a, r, master, done):
+    """out/checkpoint after `done` steps (under FSDP every process gathers the full state). Rank 0
+    writes, the others wait: nobody runs ahead of a checkpoint being written."""
+    full_weights, opt_state = runtime.full_state(r.student, r.opt) if a.fsdp else (None, None)
+    state = dict(
+        step=done,
+        total=r.total,
+        global_batch=r.global_batch,
+        seed=a.seed,
+        optimizer=opt_state if a.fsdp else r.opt.state_dict(),
+        args=vars(a),
+    )
+    what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
+    save = runtime.save_checkpoint
+    runtime.on_rank0(master, what, save, r.model, r.processor, state, a.out, full_weights)
+
+
+def forward_backward(a, r, micro, counts, ddp, device):
+    """The forward and backward of this process's micro-batches of one step, their gradients summed.
+    [7] float64 on the device: the loss, its five terms, and a slot for the stop request."""
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    weights = (a.alpha, a.beta, a.gamma, a.delta)
+    logged = torch.zeros(7, dtype=torch.float64, device=device)
+    for i, b in enumerate(micro):
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        # DDP: only the last micro-step all-reduces the gradients, the others accumulate them
+        # locally. FSDP2: every micro-step reduce-scatters within a node (without, each process
+        # would hold every gradient whole in float32: ~15 GiB for the 4B teacher), only the last
+        # all-reduces the shards across nodes (HSDP)
+        last = i == len(micro) - 1
+        if a.fsdp:
+            r.student.set_requires_all_reduce(last)
+        no_sync = ddp and not a.fsdp and not last
+        sync = r.student.no_sync() if no_sync else contextlib.nullcontext()
+        with sync, autocast:
+            loss, terms = stage_loss(r.student, r.model, r.teacher, b, weights, counts)
+        loss.backward()
+        zero = torch.zeros((), device=device)
+        values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
+        logged[:6] += torch.stack(values).double()
+    return logged
+
+
+def train(a):
+    ddp, cuda, device, rank, world = start(a)
+    master = rank == 0
+    r = wire(a, ddp, cuda, device, rank, world)
+    if r is None:
+        if ddp:
+            dist.destroy_process_group()
+        return
+    ckpt = os.path.join(a.out, "checkpoint")
+    log = runtime.open_log(a.out, r.step if a.resume or a.auto_resume else None) if master else None
     if master:
-        log = runtime.open_log(a.out, step if a.resume or a.auto_resume else None)
-        n_train = sum(p.numel() for p in params) / 1e6
         print(
-            f"stage {a.stage}: {len(ds)} samples, {total} steps of {global_batch} ({world} x "
-            f"{a.batch_size} x {accum}), lr {lr}, {n_train:.2f}M trainable, "
-            f"teacher {a.teacher or '-'}"
+            f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
+            f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
+            f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
     preemption = runtime.Preemption()  # SIGTERM & co: a checkpoint after the current step
-    batches = micro_batches(step)
-    bar = tqdm(range(step, end), initial=step, total=end, disable=not master, desc=a.stage)
+    batches = micro_batches(a, r, rank, world, r.step)
+    bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, lr, table["warmup_ratio"])
-        micro = runtime.take(batches, accum)
-        counts, tokens, failed = global_counts(
-            micro, model.config.image_token_id, device, ddp, world
-        )
+        for group in r.opt.param_groups:
+            group["lr"] = lr_at(step, r.total, r.lr, r.table["warmup_ratio"])
+        micro = runtime.take(batches, r.accum)
+        image_id = r.model.config.image_token_id
+        counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
         if failed:  # an image that did not decode or a dead loader worker, on any process: stop
-            checkpoint(step)  # at the last whole step
+            save(a, r, master, step)  # at the last whole step
             fix = "replace the file with a readable image, --resume"
             held = f"{ckpt} holds step {step}"
             errors = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
             runtime.agreed(runtime.fail, errors)
         # the loss, the five terms, and whether a process was asked to stop
-        logged = torch.zeros(7, dtype=torch.float64, device=device)
-        for i, b in enumerate(micro):
-            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-            # DDP: only the last micro-step all-reduces the gradients, the others accumulate them
-            # locally. FSDP2: every micro-step reduce-scatters within a node (without, each process
-            # would hold every gradient whole in float32: ~15 GiB for the 4B teacher), only the
-            # last all-reduces the shards across nodes (HSDP)
-            last = i == accum - 1
-            if a.fsdp:
-                student.set_requires_all_reduce(last)
-            no_sync = ddp and not a.fsdp and not last
-            sync = student.no_sync() if no_sync else contextlib.nullcontext()
-            with sync, autocast:
-                loss, terms = stage_loss(student, model, teacher, b, weights, counts)
-            loss.backward()
-            zero = torch.zeros((), device=device)
-            values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
-            logged[:6] += torch.stack(values).double()
+        logged = forward_backward(a, r, micro, counts, ddp, device)
         logged[6] = preemption.received is not None
         if ddp:
             dist.all_reduce(logged)
@@ -755,22 +793,22 @@ def train(a):
                 f"stage {a.stage}: loss is {host[0]} at step {step + 1}; stopped without "
                 f"saving, the last good checkpoint is in {ckpt}"
             )
-        stopping = host[6] > 0 and step + 1 < end
+        stopping = host[6] > 0 and step + 1 < r.end
         # logged: the norm before clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, table["clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(r.params, r.table["clip"])
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        opt.step()
-        held = runtime.trained_bytes(params, opt)
+        r.opt.step()
+        held = runtime.trained_bytes(r.params, r.opt)
         # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the
         # next no_sync micro-step would make fresh ones beside the buckets: a second copy)
-        opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
+        r.opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
         if master:
             seconds = time.time() - t0
             rec = dict(zip(("loss",) + TERMS, host))
             rec.update(
                 step=step + 1,
-                lr=opt.param_groups[0]["lr"],
+                lr=r.opt.param_groups[0]["lr"],
                 grad_norm=grad_norm.item(),
                 seconds=seconds,
                 tokens_per_s=tokens / seconds,
@@ -781,17 +819,17 @@ def train(a):
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
-        if step + 1 == end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
-            checkpoint(step + 1)
+        if step + 1 == r.end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
+            save(a, r, master, step + 1)
         if stopping:
             by = preemption.received or "a signal to another process"
             raise runtime.agreed_error(
-                f"stopped by {by} at step {step + 1} of {end}; {ckpt} holds it: continue with "
+                f"stopped by {by} at step {step + 1} of {r.end}; {ckpt} holds it: continue with "
                 f"the same command and --resume (train.sh: the same command)"
             )
     if master:
-        runtime.publish(a.out, vars(a), end, finished=end == total)
-        print(f"stage {a.stage}: done at step {end}; model in {a.out}")
+        runtime.publish(a.out, vars(a), r.end, finished=r.end == r.total)
+        print(f"stage {a.stage}: done at step {r.end}; model in {a.out}")
     if ddp:
         dist.destroy_process_group()
 
@@ -799,68 +837,7 @@ def train(a):
 def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser(
-        "train",
-        help="one stage: pt, dpt, sft or dft",
-        description="One stage of the recipe (Table A9's lr and global batch by default). One "
-        "process: python llava_kd.py train ...; one node: torchrun --standalone "
-        "--nproc_per_node=N llava_kd.py train ...; several nodes: torchrun --nnodes, --node_rank, "
-        "--master_addr on each. Outputs: --out holds the model and processor, log.jsonl and "
-        "checkpoint/ (--resume continues from it).",
-    )
-    p.add_argument("--stage", required=True, choices=list(STAGES))
-    p.add_argument("--data", help="LLaVA JSON")
-    p.add_argument("--images", help="folder the JSON's image paths are relative to")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--init", help="continue from this LLaVA checkpoint (the previous stage's --out)"
-    )
-    p.add_argument("--vision", help="a new student: SigLIP/CLIP checkpoint, or a LLaVA's tower")
-    p.add_argument("--llm", help="a new student: Qwen2-style causal LM checkpoint")
-    p.add_argument("--teacher", help="LLaVA checkpoint of the teacher (dpt, dft)")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_res (0: off)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of L_vis (0: off)")
-    p.add_argument("--gamma", type=float, default=0.5, help="weight of L_rel (0: off)")
-    p.add_argument("--delta", type=float, default=0.0, help="weight of L_pro, Table A6 (0: off)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: Table A9, by stage)")
-    p.add_argument("--global_batch_size", type=int, help="default: Table A9, by stage")
-    p.add_argument("--batch_size", type=int, default=4, help="per process")
-    p.add_argument("--epochs", type=int, help="default: Table A9 (1)")
-    p.add_argument("--max_length", type=int, default=2048)
-    p.add_argument(
-        "--drop_too_long",
-        action="store_true",
-        help="leave out the samples with no answer token within --max_length (default: refuse "
-        "the data); their ids go to --out/left_out.json",
-    )
-    p.add_argument("--max_steps", type=int, help="stop after this many steps of the stage")
-    p.add_argument("--save_every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
-    p.add_argument(
-        "--auto_resume",
-        action="store_true",
-        help="what --out holds decides (train.sh): a stage finished there is skipped, a "
-        "checkpoint resumed, else the stage starts",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")
-    p.add_argument("--plan_gpus", type=int, help="--plan for N GPUs (bf16), without data or GPU")
-    p.add_argument("--plan_gib", type=float, help="with --plan_gpus: each GPU's memory, GiB")
-    p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard the student over the processes (FSDP2) instead of DDP: for students whose "
-        "weights, gradients and AdamW state do not fit one GPU",
-    )
-    a = ap.parse_args(argv)
+    a = runtime.parser(__doc__, list(STAGES)).parse_args(argv)
     try:
         train(a)
     except data.UserError as e:  # the user's to fix: the message alone, exit 1

@@ -2,6 +2,7 @@
 checkpoints checked before anything heavy loads, errors that stop every process together, one run
 an --out, checkpoints that a crash or a signal does not lose, the log, the memory plan."""
 
+import argparse
 import atexit
 import datetime
 import errno
@@ -1015,6 +1016,76 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
         f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
         f"{limit / 2**30:.1f} GiB of the device; {advice} (--ignore_plan runs it anyway)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line's flags.
+
+
+def parser(description, stages):
+    """llava_kd.py's command line: `train` and its flags."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser(
+        "train",
+        help="one stage: pt, dpt, sft or dft",
+        description="One stage of the recipe (Table A9's lr and global batch by default). One "
+        "process: python llava_kd.py train ...; one node: torchrun --standalone "
+        "--nproc_per_node=N llava_kd.py train ...; several nodes: torchrun --nnodes, --node_rank, "
+        "--master_addr on each. Outputs: --out holds the model and processor, log.jsonl and "
+        "checkpoint/ (--resume continues from it).",
+    )
+    p.add_argument("--stage", required=True, choices=stages)
+    p.add_argument("--data", help="LLaVA JSON")
+    p.add_argument("--images", help="folder the JSON's image paths are relative to")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--init", help="continue from this LLaVA checkpoint (the previous stage's --out)"
+    )
+    p.add_argument("--vision", help="a new student: SigLIP/CLIP checkpoint, or a LLaVA's tower")
+    p.add_argument("--llm", help="a new student: Qwen2-style causal LM checkpoint")
+    p.add_argument("--teacher", help="LLaVA checkpoint of the teacher (dpt, dft)")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_res (0: off)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of L_vis (0: off)")
+    p.add_argument("--gamma", type=float, default=0.5, help="weight of L_rel (0: off)")
+    p.add_argument("--delta", type=float, default=0.0, help="weight of L_pro, Table A6 (0: off)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: Table A9, by stage)")
+    p.add_argument("--global_batch_size", type=int, help="default: Table A9, by stage")
+    p.add_argument("--batch_size", type=int, default=4, help="per process")
+    p.add_argument("--epochs", type=int, help="default: Table A9 (1)")
+    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument(
+        "--drop_too_long",
+        action="store_true",
+        help="leave out the samples with no answer token within --max_length (default: refuse "
+        "the data); their ids go to --out/left_out.json",
+    )
+    p.add_argument("--max_steps", type=int, help="stop after this many steps of the stage")
+    p.add_argument("--save_every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument(
+        "--auto_resume",
+        action="store_true",
+        help="what --out holds decides (train.sh): a stage finished there is skipped, a "
+        "checkpoint resumed, else the stage starts",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--plan", action="store_true", help="print the memory plan, load nothing, stop")
+    p.add_argument("--plan_gpus", type=int, help="--plan for N GPUs (bf16), without data or GPU")
+    p.add_argument("--plan_gib", type=float, help="with --plan_gpus: each GPU's memory, GiB")
+    p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the student over the processes (FSDP2) instead of DDP: for students whose "
+        "weights, gradients and AdamW state do not fit one GPU",
+    )
+    return ap
 
 
 # --------------------------------------------------------------------------------------------------

@@ -124,8 +124,8 @@ MUTANTS = [
     (
         "lean L_rel: dL/dW without the transpose",
         "llava_kd.py",
-        "dL_dW[:v].addmm_(w_acc, dL_dM + dL_dM.T)",
-        "dL_dW[:v].addmm_(w_acc, 2 * dL_dM)",
+        "return relation.detach(), dL_dH, dL_dM + dL_dM.T",
+        "return relation.detach(), dL_dH, 2 * dL_dM",
         LOSS,
     ),
     (
@@ -196,8 +196,8 @@ MUTANTS = [
     (
         "clip at 10",
         "llava_kd.py",
-        'clip_grad_norm_(params, table["clip"])',
-        "clip_grad_norm_(params, 10.0)",
+        'clip_grad_norm_(r.params, r.table["clip"])',
+        "clip_grad_norm_(r.params, 10.0)",
         LOOP,
     ),
     # runtime
