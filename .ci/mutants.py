@@ -122,10 +122,10 @@ MUTANTS = [
         LOSS,
     ),
     (
-        "lean L_rel: dL/dW without the transpose",
+        "lean L_rel: dL/dW of W^T W taken once, not twice",
         "llava_kd.py",
         "return relation.detach(), dL_dH, dL_dM + dL_dM.T",
-        "return relation.detach(), dL_dH, 2 * dL_dM",
+        "return relation.detach(), dL_dH, dL_dM",
         LOSS,
     ),
     (
