@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
@@ -52,7 +51,7 @@ def pytest_collection_modifyitems(items):
 
 
 TOY_RECIPE = dict(SEEDS="1", TOY_STEPS="4", TOY_QUICK="1", NGPU="1", TOY_SEED="1")
-STARTED = []  # every train.sh started: stopped when the session ends
+STARTED = []  # the train.sh runs this process started
 
 
 def start_recipe(out, **env):
@@ -73,6 +72,14 @@ def start_recipe(out, **env):
     return STARTED[-1]
 
 
+def stop_all(*_):
+    """Every train.sh this process started, and the stages they started."""
+    for p in STARTED:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    sys.exit(1)
+
+
 def stop_in_the_dft_stage(out, proc):
     """SIGKILL of the process of LLaVA-KD's third stage (DFT) once it has saved a checkpoint and
     before it ends (stopped first, then checked); the checkpoint's step."""
@@ -91,7 +98,7 @@ def stop_in_the_dft_stage(out, proc):
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             return None if done else step
-        time.sleep(0.01)
+        time.sleep(0.05)
     return None
 
 
@@ -102,7 +109,7 @@ def stop_between_stages(out, proc):
         if (out / "seed1" / "dpt" / "done.json").exists():
             os.killpg(proc.pid, signal.SIGKILL)
             return len(list(out.glob("**/done.json")))
-        time.sleep(0.01)
+        time.sleep(0.05)
     return None
 
 
@@ -114,24 +121,25 @@ def stopped_and_continued(out, stop):
     stopped = stop(out, proc)
     first = proc.wait(timeout=900)
     finished = {
-        p: os.stat(p).st_mtime_ns for d in out.glob("**/done.json") for p in d.parent.iterdir()
+        str(p): os.stat(p).st_mtime_ns for d in out.glob("**/done.json") for p in d.parent.iterdir()
     }
     again = start_recipe(out, EXTRA="--save_every 1").wait(timeout=900)
     return stopped, first, finished, again
 
 
-class Background(threading.Thread):
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args = fn, args
-        self.start()
+class Scenario:
+    """stopped_and_continued in a process of its own (threads beside the tests would make their
+    forked processes unsafe): its result, once it has ended."""
 
-    def run(self):
-        self.result = self.fn(*self.args)
+    def __init__(self, out, stop):
+        self.path = f"{out}.json"
+        cmd = [sys.executable, __file__, str(out), stop.__name__]
+        self.proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
 
-    def value(self, timeout=900):
-        self.join(timeout)
-        return self.result
+    def value(self, timeout=1800):
+        assert self.proc.wait(timeout) == 0
+        stopped, first, finished, again = json.load(open(self.path))
+        return stopped, first, finished, again
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,15 +147,26 @@ def recipe(request, tmp_path_factory):
     """`bash train.sh`'s toy recipe (test_recipe.py), started when the session starts if that test
     is collected: it is mostly process start-ups, one or two at a time, so the other tests run
     beside it. (out, process, output, the recipe stopped in its DFT stage and continued, the recipe
-    stopped between stages and continued: Background threads)."""
+    stopped between stages and continued: Scenario processes)."""
     if not any(item.module.__name__ == "test_recipe" for item in request.session.items):
         yield None
         return
     out = tmp_path_factory.mktemp("recipe")
     proc = start_recipe(out / "toy")
-    in_dft = Background(stopped_and_continued, out / "in-dft", stop_in_the_dft_stage)
-    between = Background(stopped_and_continued, out / "between", stop_between_stages)
+    in_dft = Scenario(out / "in-dft", stop_in_the_dft_stage)
+    between = Scenario(out / "between", stop_between_stages)
     yield out, proc, out / "toy.txt", in_dft, between
-    for p in STARTED:  # the session ended first (a failure, -x): stop train.sh and its stages
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    for p in [in_dft.proc, between.proc]:  # the session ended first (a failure, -x): each stops
+        if p.poll() is None:  # its train.sh runs
+            p.terminate()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":  # a Scenario: python conftest.py OUT STOP
+    import pathlib
+
+    where, stop = pathlib.Path(sys.argv[1]), globals()[sys.argv[2]]
+    signal.signal(signal.SIGTERM, stop_all)  # the session ended first (a failure, -x)
+    with open(f"{where}.json", "w") as f:
+        json.dump(stopped_and_continued(where, stop), f)

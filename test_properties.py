@@ -234,6 +234,14 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         assert got["teacher's W_t^T W_t"] == 4 * D_t**2
         when = {what: w for what, _, w in rows}
         assert when["gradients, float32"] == "held"  # accum 2: kept through the micro-steps
+        # the total: held + the larger of forward and step; on CUDA 10% for fragmentation
+        held = sum(b for _, b, w in rows if w == "held")
+        peaks = [
+            sum(b for what, b, w in rows if w == when and not what.endswith("on"))
+            for when in ("forward", "step")
+        ]
+        total = (held + max(peaks)) * (1.1 if cuda else 1.0)
+        assert runtime.plan_total(rows, False, cuda) == pytest.approx(total, rel=1e-12)
     no_gram = runtime.memory_plan(s, t, 2, 256, 1, False, False, 0.0)
     assert dict((w, b) for w, b, _ in no_gram)["teacher's W_t^T W_t"] == 0
 
