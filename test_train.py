@@ -638,39 +638,56 @@ def test_a_bf16_init_trains_float32_master_weights(toy, ckpts, tmp_path):
     assert moved > 0.9
 
 
-def test_fsdp_mixed_precision_leaves_m_t_in_float32(toy, ckpts, monkeypatch):
+def alone(fn, *args):
+    """fn(*args) in a forked process with a process group of one (gloo): the test process itself
+    never starts one, so the processes it forks later hold no c10d state of it."""
+
+    def child(argv):
+        import torch.distributed as dist
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init = f"tcp://127.0.0.1:{port}"
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+        try:
+            fn(*args)
+        finally:
+            dist.destroy_process_group()
+
+    (output,) = ended([Forked([], {}, child)], timeout=300)
+    assert output.rstrip().endswith("passed"), output
+
+
+def mixed_precision_leaves_m_t_in_float32(toy, ckpts):
+    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+    teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
+    teacher.eval().requires_grad_(False)
+    llava_kd.apply_stage(model, "dft")
+    m_t = llava_kd.teacher_gram(teacher, model)
+    seen = []
+    fused_loss = llava_kd.fused_loss
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["m_t"].dtype)
+        return fused_loss(*args, **kwargs)
+
+    llava_kd.fused_loss = recording  # in the forked process alone
+    student = runtime.shard(llava_kd.Student(model, m_t), model, bf16=True)
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
+    )
+    b = data.collate([ds[i] for i in range(2)], processor.tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        llava_kd.stage_loss(student, model, teacher, b)
+    assert seen == [torch.float32]
+    print("passed")
+
+
+def test_fsdp_mixed_precision_leaves_m_t_in_float32(toy, ckpts):
     """FSDP2's bf16 policy (as on CUDA) casts every floating input of the student's forward to
     bf16. The teacher's W^T W is held by the Student, so the loss still gets it in float32."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
-        teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
-        teacher.eval().requires_grad_(False)
-        llava_kd.apply_stage(model, "dft")
-        m_t = llava_kd.teacher_gram(teacher, model)
-        seen = []
-        fused_loss = llava_kd.fused_loss
-
-        def recording(*args, **kwargs):
-            seen.append(kwargs["m_t"].dtype)
-            return fused_loss(*args, **kwargs)
-
-        monkeypatch.setattr(llava_kd, "fused_loss", recording)
-        student = runtime.shard(llava_kd.Student(model, m_t), model, bf16=True)
-        ds = data.LlavaDataset(
-            f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
-        )
-        b = data.collate([ds[i] for i in range(2)], processor.tokenizer.pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            llava_kd.stage_loss(student, model, teacher, b)
-        assert seen == [torch.float32]
-    finally:
-        dist.destroy_process_group()
+    alone(mixed_precision_leaves_m_t_in_float32, toy, ckpts)
 
 
 def test_table_a9_is_what_the_loop_uses(toy, ckpts, tmp_path, monkeypatch):
