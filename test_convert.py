@@ -491,3 +491,15 @@ def test_converted_directory_is_a_teacher_and_an_init_for_the_stages(toy, tmp_pa
     assert proc.apply_chat_template(
         [{"role": "user", "content": "<image>\nQ?"}], add_generation_prompt=True, tokenize=False
     ).startswith(convert_tinyllava.SYSTEM)  # the teacher's format
+
+
+def test_a_source_without_a_feature_layer_takes_tinyllavas_default(toy, tmp_path):
+    """TinyLLaVA reads the tower's second-to-last layer unless its config says otherwise."""
+    write_tinyllava(tmp_path / "src", toy, False)
+    path = tmp_path / "src" / "config.json"
+    config = json.load(open(path))
+    del config["vision_feature_layer"]
+    path.write_text(json.dumps(config))
+    convert_tinyllava.convert(str(tmp_path / "src"), str(tmp_path / "out"), None)
+    converted = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert converted.vision_feature_layer == -2
