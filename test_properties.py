@@ -334,3 +334,51 @@ def test_train_sh_chains_the_real_recipes_stages(tmp_path):
         assert wrapped == [w + " --auto_resume" for w in want]
         # through torchrun's stand-in (runtime.py) on 2 processes
         assert all(c.startswith("runtime.py --standalone --nproc_per_node=2 ") for c in cmds)
+
+
+def test_padding_is_never_an_answer_nor_attended(toy, ckpts):
+    """collate right-pads: padded positions carry -100 labels, the pad id and attention 0, so no
+    loss row ever predicts or attends padding, whatever the pad id."""
+    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=512
+    )
+    rows = [ds[i] for i in range(4)]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(set(lengths)) > 1  # padding is there
+    b = data.collate(rows, pad_token_id=7)
+    for i, n in enumerate(lengths):
+        assert (b["labels"][i, n:] == data.IGNORE).all() and (b["input_ids"][i, n:] == 7).all()
+        assert (b["attention_mask"][i, :n] == 1).all() and (b["attention_mask"][i, n:] == 0).all()
+        assert torch.equal(b["labels"][i, :n], rows[i]["labels"])
+    answer = llava_kd.response_rows(b["labels"])
+    assert not (answer & ~b["attention_mask"].bool()).any()
+
+
+def test_the_toy_recipe_chains_its_stages(tmp_path):
+    """train.sh's toy branch, recorded by a stand-in Python: every student stage starts from the
+    stage its row names, and the distilled ones learn from the SFT'd teacher."""
+    record = tmp_path / "commands"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {record}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "O"), SEEDS="3", NGPU="1")
+    subprocess.run(["bash", "train.sh"], cwd=ROOT, env=env, capture_output=True)  # no results
+    stages = {}
+    for line in record.read_text().splitlines():
+        if " train --stage " in line:
+            words = line.replace(f"{tmp_path}/O/", "").split()
+            flag = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+            stages[flag["--out"]] = (flag["--stage"], flag.get("--init"), flag.get("--teacher"))
+    K = "teacher-pt-sft"
+    assert stages == {
+        "teacher-pt": ("pt", None, None),
+        "teacher-pt-sft": ("sft", "teacher-pt", None),
+        "seed3/pt": ("pt", None, None),
+        "seed3/pt-sft": ("sft", "seed3/pt", None),
+        "seed3/pt-sft-sft": ("sft", "seed3/pt-sft", None),
+        "seed3/dpt": ("dpt", None, K),
+        "seed3/dpt-sft": ("sft", "seed3/dpt", None),
+        "seed3/dpt-sft-dft": ("dft", "seed3/dpt-sft", K),
+        "seed3/pt-sft-dft": ("dft", "seed3/pt-sft", K),
+    }

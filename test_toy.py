@@ -103,3 +103,20 @@ def test_draws_pairs_each_difference_seed_by_seed_and_pools_the_runs(tmp_path):
         toy_module.draws([str(tmp_path / "teacher.jsonl")])
     with pytest.raises(SystemExit, match="no results file .*nowhere.jsonl"):
         toy_module.draws([str(tmp_path / "nowhere.jsonl")])
+
+
+def test_the_question_only_prior_is_the_most_frequent_answer_to_the_same_question(tmp_path):
+    def rows(pairs):
+        turns = [
+            [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+            for q, a in pairs
+        ]
+        return json.dumps([{"id": str(i), "conversations": t} for i, t in enumerate(turns)])
+
+    train = [("colour?", "red"), ("colour?", "red"), ("colour?", "blue"), ("shape?", "disc")]
+    (tmp_path / "train.json").write_text(rows(train))
+    # colour: red, the prior's (right); shape: disc (right); size: unseen (wrong)
+    test = [("colour?", "red"), ("shape?", "disc"), ("size?", "big")]
+    (tmp_path / "test.json").write_text(rows(test))
+    prior = toy_module.question_prior(str(tmp_path / "train.json"), str(tmp_path / "test.json"))
+    assert prior == 2 / 3
