@@ -82,7 +82,7 @@ def stop_all(*_):
 
 def stop_in_the_dft_stage(out, proc):
     """SIGKILL of the process of LLaVA-KD's third stage (DFT) once it has saved a checkpoint and
-    before it ends (stopped first, then checked); the checkpoint's step."""
+    before it ends (stopped first, then checked); its checkpoint's step, the log's lines to it."""
     stage = out / "seed1" / "dpt-sft-dft"
     marker = stage / "checkpoint" / "complete.json"
     while proc.poll() is None:
@@ -97,7 +97,8 @@ def stop_in_the_dft_stage(out, proc):
             done = (stage / "done.json").exists()
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
-            return None if done else step
+            logged = open(stage / "log.jsonl").readlines()[:step]
+            return None if done else (step, logged)
         time.sleep(0.05)
     return None
 

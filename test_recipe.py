@@ -68,10 +68,13 @@ def continued_as_uninterrupted(recipe, which):
 
 
 def test_a_recipe_killed_in_its_dft_stage_continues_where_it_stopped_with_the_same_command(recipe):
-    step, out = continued_as_uninterrupted(recipe, 0)
-    assert step is not None and 1 <= step < 4  # killed in the middle, after a checkpoint
-    log = [json.loads(line) for line in open(out / "seed1" / "dpt-sft-dft" / "log.jsonl")]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]  # resumed at its checkpoint
+    stopped, out = continued_as_uninterrupted(recipe, 0)
+    assert stopped is not None  # killed in the middle, after a checkpoint
+    step, logged = stopped
+    assert 1 <= step < 4
+    lines = open(out / "seed1" / "dpt-sft-dft" / "log.jsonl").readlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert lines[:step] == logged  # resumed at its checkpoint: the steps before it not run again
 
 
 def test_a_recipe_killed_between_stages_continues_with_the_same_command(recipe):

@@ -238,6 +238,13 @@ MUTANTS = [
         RUNTIME,
     ),
     (
+        "auto_resume starts a stopped stage again",
+        "runtime.py",
+        "    a.resume = resumable\n",
+        "    a.resume = False\n",
+        SCRIPT,
+    ),
+    (
         "--drop_too_long keeps them",
         "runtime.py",
         "ds.rows = [row for i, row in enumerate(ds.rows) if i not in gone]",
