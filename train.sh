@@ -5,7 +5,8 @@
 #   VISION=... TEACHER_LLM=... STUDENT_LLM=... PT_DATA=... PT_IMAGES=... SFT_DATA=... SFT_IMAGES=... bash train.sh
 #   INIT=... TEACHER=... SFT_DATA=... SFT_IMAGES=... bash train.sh     # DFT only: make an existing small LLaVA better
 #
-# Settings (environment variables). With none of them set, the toy recipe runs.
+# Stopped (a failure, a signal, a kill)? Run the same command: finished stages are skipped, a stopped one resumes
+# from its checkpoint. Each stage's whole output: OUT/logs/. Settings (environment variables); with none, the toy.
 #   VISION        SigLIP checkpoint dir, e.g. google/siglip-so400m-patch14-384 (or a LLaVA dir: its tower)
 #   TEACHER_LLM   teacher LLM dir, e.g. Qwen/Qwen1.5-4B: trained PT -> SFT here first, unless TEACHER is set
 #   TEACHER       a trained LLaVA teacher in HF format: the teacher's own training is skipped
