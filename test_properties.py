@@ -382,3 +382,15 @@ def test_the_toy_recipe_chains_its_stages(tmp_path):
         "seed3/dpt-sft-dft": ("dft", "seed3/dpt-sft", K),
         "seed3/pt-sft-dft": ("dft", "seed3/pt-sft", K),
     }
+
+
+def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free():
+    import bench_loss_traffic
+
+    a, b = torch.randn(4, 3), torch.randn(3, 5)
+    counter = bench_loss_traffic.Traffic(bench_loss_traffic.GPUS["h100"])
+    with counter:
+        (a @ b).t()  # a view after the product
+    assert dict(counter.ops) == {
+        "mm": [1, (12 + 15 + 20) * 4, 2 * 4 * 3 * 5, pytest.approx(max(120 / 67e12, 188 / 2.9e12))]
+    }
