@@ -83,7 +83,9 @@ def main():
     )
     ap.add_argument("--visual", type=int, default=729)
     ap.add_argument("--answer", type=int, default=150)
-    ap.add_argument("--block", type=int, default=2**24, help="fused_loss's block (logits)")
+    ap.add_argument(
+        "--block", type=int, default=2**26, help="fused_loss's block, logits (CUDA's default)"
+    )
     ap.add_argument("--gpu", choices=GPUS, default="h100")
     a = ap.parse_args()
     h_s, w_s, h_t, w_t, labels, visual_mask, m_t = sample(a.visual, a.answer)

@@ -902,7 +902,7 @@ def memory_plan(
     # and backward's start, which scales dL/dW and dL/dh into new tensors
     head = 4 * V * D if student.lm_head.weight.requires_grad else 0
     hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
-    block = BLOCK_TENSORS * 4 * min(2**24, tokens * V)
+    block = BLOCK_TENSORS * 4 * min(2**26 if cuda else 2**24, tokens * V)  # fused_loss's block
     if cuda:
         block += (0 if fsdp else 2 * V * D) + (2 * V * D if head else 0)
         block += 4 * V * D if fsdp and teacher is not None and gamma else 0

@@ -41,7 +41,7 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   local launch="$PYTHON runtime.py $NODES --nproc_per_node=$NGPU" fsdp= out= prev= arg
   launch="$launch --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=900"
   # FSDP2 (Table A9's ZeRO-3) where a whole LLM trains (sft, dft) on several processes: by the memory
-  # plan (--plan) a 4B teacher's SFT on 8 GPUs, checkpointed, is 89 GiB a GPU under DDP, 24 sharded
+  # plan (--plan) a 4B teacher's SFT on 8 GPUs, checkpointed, is 91 GiB a GPU under DDP, 26 sharded
   if [ "$FSDP" = 1 ] || { [ "$FSDP" = auto ] && [ "$WORLD" -gt 1 ] && [[ $1 == sft || $1 == dft ]]; }; then
     fsdp=--fsdp
   elif [ "$WORLD" = 1 ]; then
