@@ -569,9 +569,8 @@ def check(a, device, world, rank):
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     if a.resume:  # the same flags as the checkpoint's, but those that may change
         runtime.check_resume(a, state["args"])
-    left_out = []
-    if source:  # every answer's length, with the processor alone
-        left_out = runtime.check_lengths(source, a, stage["chat"], samples, rank, world)
+    chat = stage["chat"]  # every answer's length, with the processor alone
+    left_out = runtime.check_lengths(source, a, chat, samples, rank, world) if source else []
     return global_batch, samples, state, source, left_out
 
 
@@ -580,6 +579,7 @@ def load(a, checked, cuda, world, rank):
     set, the indices of the samples that --drop_too_long leaves out on this process)."""
     stage = STAGES[a.stage]
     _, samples, _, source, left_out = checked
+    runtime.ATTENTION = a.attn_implementation  # of the student and the teacher alike
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)

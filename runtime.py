@@ -6,6 +6,7 @@ import argparse
 import atexit
 import datetime
 import errno
+import importlib.util
 import json
 import os
 import resource
@@ -117,8 +118,10 @@ _cleanups = []  # what a run undoes when it ends (main's finally, or at exit)
 
 
 def cleanup():
+    global ATTENTION
     while _cleanups:
         _cleanups.pop()()
+    ATTENTION = "sdpa"  # a run's --attn_implementation ends with it (the tests run several)
 
 
 atexit.register(cleanup)
@@ -208,15 +211,10 @@ NUMERIC_FLAGS = dict(
     delta=0,
 )
 # What --resume may change: everything else must be what the checkpoint was written with
+# (not --fsdp: its AdamW state is saved keyed otherwise)
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-MAY_CHANGE |= {
-    "ignore_plan",
-    "grad_checkpointing",
-    "images",
-    "out",
-    "auto_resume",
-}  # not --fsdp: its AdamW state
-# is saved keyed otherwise
+MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out", "auto_resume"}
+MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation"}
 
 
 def check_resume(a, saved, what=None):
@@ -254,6 +252,11 @@ def check_flags(a, world, stage, table):
         value = getattr(a, flag)
         if value is not None and value < low:
             raise data.UserError(f"--{flag} {value}: must be at least {low}")
+    if a.attn_implementation == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        raise data.UserError(
+            "--attn_implementation flash_attention_2 needs the flash-attn package (pip install "
+            "flash-attn, on a CUDA machine); sdpa needs nothing"
+        )
     if a.lr is not None and a.lr <= 0:
         raise data.UserError(f"--lr {a.lr}: must be above 0 (leave it out for Table A9's)")
     global_batch = table["global_batch"] if a.global_batch_size is None else a.global_batch_size
@@ -280,8 +283,12 @@ def check_flags(a, world, stage, table):
     return global_batch
 
 
+ATTENTION = "sdpa"  # --attn_implementation, of every model loaded here (llava_kd.load sets it)
+
+
 def loaded(cls, path, **kwargs):
     """cls.from_pretrained(path), or an error naming what did not load."""
+    kwargs.setdefault("attn_implementation", ATTENTION)
     model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     bad = {k: info.get(k) for k in ("missing_keys", "mismatched_keys") if info.get(k)}
     if bad:
@@ -298,7 +305,10 @@ def tower_from_llava(path, cfg):
     files = ["model.safetensors"]
     if os.path.isfile(index):
         files = sorted(set(json.load(open(index))["weight_map"].values()))
-    tower = transformers.AutoModel.from_config(cfg.vision_config, dtype=torch.float32)
+    config = cfg.vision_config
+    tower = transformers.AutoModel.from_config(
+        config, dtype=torch.float32, attn_implementation=ATTENTION
+    )
     state = {}
     # saved as "vision_tower.*" (transformers' older names, still written) or "model.vision_tower.*"
     for name in files:
@@ -1079,6 +1089,12 @@ def parser(description, stages):
     p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    p.add_argument(
+        "--attn_implementation",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        default="sdpa",
+        help="attention of both models (flash_attention_2: CUDA, with flash-attn installed)",
+    )
     p.add_argument(
         "--fsdp",
         action="store_true",

@@ -394,3 +394,24 @@ def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free()
     assert dict(counter.ops) == {
         "mm": [1, (12 + 15 + 20) * 4, 2 * 4 * 3 * 5, pytest.approx(max(120 / 67e12, 188 / 2.9e12))]
     }
+
+
+def test_attn_implementation_reaches_both_models_and_ends_with_the_run(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    seen = []
+    loaded = runtime.loaded
+
+    def recording(cls, path, **kwargs):
+        model = loaded(cls, path, **kwargs)
+        seen.append((str(path), model.config.text_config._attn_implementation))
+        return model
+
+    monkeypatch.setattr(runtime, "loaded", recording)
+    student, teacher = str(ckpts / "student"), str(ckpts / "teacher")
+    argv = args(toy, "dft", tmp_path / "o", "--init", student, "--teacher", teacher)
+    llava_kd.main(argv + ["--max_steps", "1", "--attn_implementation", "eager"])
+    assert sorted(seen) == [(student, "eager"), (teacher, "eager")]
+    assert runtime.ATTENTION == "sdpa"  # the next run starts from the default
+    with pytest.raises(SystemExit, match="flash_attention_2 needs the flash-attn package"):
+        llava_kd.main(argv + ["--attn_implementation", "flash_attention_2"])
