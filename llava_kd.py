@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import data
@@ -692,9 +691,8 @@ def micro_batches(a, r, rank, world, step):
     per_step = r.accum * a.batch_size
     while True:
         epoch, skip = divmod(step, r.steps_per_epoch)
-        sampler = DistributedSampler(r.ds, world, rank, shuffle=True, seed=a.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * per_step : r.steps_per_epoch * per_step]
+        args = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed, epoch, a.group_by_length)
+        order = data.epoch_order(*args)[skip * per_step : r.steps_per_epoch * per_step]
         loader = torch.utils.data.DataLoader(
             r.ds,
             a.batch_size,

@@ -1090,6 +1090,12 @@ def parser(description, stages):
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p.add_argument(
+        "--group_by_length",
+        action="store_true",
+        help="micro-batches of samples alike in length, image and text-only apart (LLaVA's "
+        "group_by_modality_length; train.sh's real recipe)",
+    )
+    p.add_argument(
         "--attn_implementation",
         choices=["sdpa", "eager", "flash_attention_2"],
         default="sdpa",

@@ -14,7 +14,7 @@ import llava_kd
 import runtime
 import test_convert
 from test_losses import batch
-from test_train import ROOT, alone, args
+from test_train import ROOT, alone, args, changed, weights
 
 
 def test_every_spec_loss_divides_by_the_count_it_is_given():
@@ -415,3 +415,68 @@ def test_attn_implementation_reaches_both_models_and_ends_with_the_run(
     assert runtime.ATTENTION == "sdpa"  # the next run starts from the default
     with pytest.raises(SystemExit, match="flash_attention_2 needs the flash-attn package"):
         llava_kd.main(argv + ["--attn_implementation", "flash_attention_2"])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_each_epoch_takes_every_sample_once_in_whole_steps_on_every_process(toy, ckpts, grouped):
+    """epoch_order on 3 processes, as the loop slices it: floor(N / global batch) steps, every
+    sample in at most one; the same seed and epoch, the same order (resume); another epoch,
+    another. Grouped: one kind a step (image or text-only) but for one mixed step of what is left,
+    and the same micro-step on every process takes neighbours in length."""
+    _, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    ds = data.LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, True, 512)
+    for i in range(0, len(ds.rows), 4):  # every 4th text-only
+        ds.rows[i] = (ds.rows[i][0], None, ds.rows[i][2])
+    G, B, world = 12, 2, 3  # 2 micro-steps of 2 a process
+    steps, per_step = len(ds) // G, G // world
+
+    def order(epoch):
+        return [
+            data.epoch_order(ds, G, B, world, r, 0, epoch, grouped)[: steps * per_step]
+            for r in range(world)
+        ]
+
+    orders = order(1)
+    assert orders == order(1) and orders != order(2)
+    every = [i for o in orders for i in o]
+    assert len(set(every)) == len(every) == steps * G
+    if not grouped:
+        return
+
+    def length(i):  # epoch_order's estimate
+        _, image, conv = ds.rows[i]
+        return sum(len(t["value"]) for t in conv) // 4 + (image is not None) * ds.n_image_tokens
+
+    kinds = []
+    for s in range(steps):
+        step = [o[s * per_step : (s + 1) * per_step] for o in orders]
+        kinds.append({ds.rows[i][1] is None for part in step for i in part})
+        first, second = (
+            [length(i) for p in step for i in p[:B]],
+            [length(i) for p in step for i in p[B:]],
+        )
+        assert min(first) >= max(second)
+    assert sum(len(k) > 1 for k in kinds) <= 1
+
+
+def test_grouped_micro_batches_resume_exactly_across_an_epoch(toy, ckpts, tmp_path):
+    common = ["--init", str(ckpts / "student"), "--group_by_length", "--epochs", "2"]
+    llava_kd.main(args(toy, "sft", tmp_path / "whole", *common, "--max_steps", "8"))
+    llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "5"))
+    llava_kd.main(args(toy, "sft", tmp_path / "parts", *common, "--max_steps", "8", "--resume"))
+    assert not changed(weights(tmp_path / "whole"), weights(tmp_path / "parts"))
+    shuffled = tmp_path / "shuffled"
+    llava_kd.main(
+        args(
+            toy,
+            "sft",
+            shuffled,
+            "--init",
+            str(ckpts / "student"),
+            "--max_steps",
+            "8",
+            "--epochs",
+            "2",
+        )
+    )
+    assert changed(weights(tmp_path / "whole"), weights(shuffled))  # grouping changes the order
