@@ -967,6 +967,14 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
     sharded, _ = total(a.batch_size, True, False)
     mode = f"FSDP2 x {world}" if a.fsdp else "DDP" if world > 1 else "one process"
     _, need = total(a.batch_size, a.fsdp, a.grad_checkpointing)
+    _, checkpointed = total(a.batch_size, a.fsdp, True)
+    if need > limit >= checkpointed:  # on where the stage needs it (the flag forces it anywhere)
+        a.grad_checkpointing = True
+        if master:
+            print(
+                f"note: --grad_checkpointing turned on: the plan is {need / 2**30:.1f} GiB without"
+            )
+        need = checkpointed
     ckpt = "on" if a.grad_checkpointing else "off"
     if master:
         where = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "CPU, "

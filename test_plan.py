@@ -107,10 +107,10 @@ def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, 
     t = totals(metas, a, world=8)
     # the plan's own sense: checkpointing and sharding lower it
     assert t[False, True] < t[False, False] and t[True, False] < t[False, False]
-    between = (t[False, True] + t[False, False]) / 2
-    message = refusal(metas, a, 8, between, monkeypatch)
-    assert message.startswith("memory plan: ") and "exceeds" in message
-    assert "--grad_checkpointing fits" in message and "--fsdp" not in message
+    message = refusal(
+        metas, plan_args(batch_size=8, max_length=4096), 8, t[False, True] * 0.99, monkeypatch
+    )
+    assert message.startswith("memory plan: ") and "exceeds" in message and "--fsdp" in message
     # below checkpointing's total but above sharding's with checkpointing: --fsdp named too
     a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=True)
     between = (t[True, True] + t[False, True]) / 2
@@ -123,6 +123,27 @@ def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, 
     assert "nothing tried fits" in refusal(metas, a, 1, one * 0.5, monkeypatch)
     a.ignore_plan = True  # the user's word against the plan's
     runtime.check_memory(a, 1, torch.device("cpu"), *metas, master=False)
+
+
+def test_the_plan_turns_checkpointing_on_exactly_where_the_stage_needs_it(
+    metas, monkeypatch, capsys
+):
+    """Off where the stage fits without it, on (with a note) where it fits only with it; the flag
+    forces it anywhere; where neither fits, the refusal names what would."""
+    t = totals(metas, plan_args(batch_size=8, max_length=4096), world=8)
+    for limit, flag, on in [
+        (t[False, False] * 1.01, False, False),  # fits without
+        ((t[False, True] + t[False, False]) / 2, False, True),  # fits only with it
+        (t[False, False] * 1.01, True, True),  # the flag's
+    ]:
+        a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=flag)
+        monkeypatch.setattr(runtime, "device_bytes", lambda device, limit=limit: limit)
+        runtime.check_memory(a, 8, torch.device("cpu"), *metas, master=True)
+        assert a.grad_checkpointing == on
+        turned = "note: --grad_checkpointing turned on" in capsys.readouterr().out
+        assert turned == (on and not flag)
+    a = plan_args(batch_size=8, max_length=4096)
+    assert "exceeds" in refusal(metas, a, 8, t[False, True] * 0.99, monkeypatch)
 
 
 def test_plan_prints_before_any_weight_loads(toy, ckpts, tmp_path, monkeypatch, capsys):

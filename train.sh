@@ -17,7 +17,7 @@
 #   OUT           where every stage writes its checkpoint (default runs/real, toy: runs/toy)
 #   NGPU          processes (default: every GPU, or 1 on a CPU machine)
 #   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
-#   EXTRA         flags for every stage (real recipe: --grad_checkpointing --group_by_length), e.g. "--max_length 4096"
+#   EXTRA         flags for every stage (real recipe: --group_by_length), e.g. "--grad_checkpointing --max_length 4096"
 #   FSDP          auto (default): FSDP2 for sft and dft on several processes, DDP for pt and dpt;
 #                 1: FSDP2 for every stage; 0: DDP for every stage. `llava_kd.py train ... --plan` prints
 #                 a stage's memory a GPU under each, and every stage stops first if its plan does not fit
@@ -73,7 +73,7 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
 if [ -n "${INIT:-}" ]; then
   # ---- DFT only: an existing small LLaVA distilled from a larger one of the same tokenizer ----
   : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---grad_checkpointing --group_by_length}
+  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---group_by_length}
   stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
     --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
   echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
@@ -84,7 +84,7 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   # ---- the real recipe (Table A9 defaults: lr, global batch, one epoch, AdamW, cosine, 3% warmup) ----
   : "${VISION:?set VISION}" "${STUDENT_LLM:?set STUDENT_LLM}" "${PT_DATA:?set PT_DATA}" "${PT_IMAGES:?set PT_IMAGES}"
   : "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---grad_checkpointing --group_by_length}; B="--batch_size ${BATCH:-8} $EXTRA"
+  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---group_by_length}; B="--batch_size ${BATCH:-8} $EXTRA"
   PT="--data $PT_DATA --images $PT_IMAGES $B"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B"
   if [ -z "${TEACHER:-}" ]; then  # the teacher: PT -> SFT, as LLaVA-1.5 / TinyLLaVA train it
     : "${TEACHER_LLM:?set TEACHER_LLM or TEACHER}"
