@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--visual", type=int, default=729)
     ap.add_argument("--answer", type=int, default=150)
     ap.add_argument(
-        "--block", type=int, default=2**26, help="fused_loss's block, logits (CUDA's default)"
+        "--block", type=int, default=2**26, help="fused_loss's block, logits (the loop's on CUDA)"
     )
     ap.add_argument("--gpu", choices=GPUS, default="h100")
     a = ap.parse_args()

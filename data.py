@@ -9,24 +9,20 @@ import json
 import os
 
 import torch
-import transformers
 from PIL import Image
-from torch.utils.data.distributed import DistributedSampler
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
 
 
 class UserError(ValueError):
-    """A mistake the user can fix (a flag, a path, the data): the CLI prints its message alone, no
-    traceback."""
+    """A mistake the user can fix (a flag, a path, the data): its message alone, no traceback."""
 
 
-NOTES = []  # this process's notes for the user: runtime.print_notes prints them once a run
+NOTES = []  # this process's (text, sample ids): runtime.print_notes prints each once a run
 
 
 def note(text, ids=()):
-    """A note, printed once a run by rank 0 (runtime.print_notes), with the sample ids of every
-    process (each checks a share of the data): {n} in text is their count, {ids} the first five."""
+    """{n} in text: the count of every process's ids (each checks a share); {ids}: five of them."""
     NOTES.append((text, list(ids)))
 
 
@@ -37,12 +33,10 @@ class DataError(UserError):
 def image_seq_length(processor):
     """Visual tokens per image: what LlavaProcessor expands <image> to (patches, + CLS, - 1 for
     "default")."""
-    h, w = processor.image_processor(Image.new("RGB", (8, 8)), return_tensors="pt")[
-        "pixel_values"
-    ].shape[-2:]
-    n = (h // processor.patch_size) * (
-        w // processor.patch_size
-    ) + processor.num_additional_image_tokens
+    image = Image.new("RGB", (8, 8))
+    h, w = processor.image_processor(image, return_tensors="pt")["pixel_values"].shape[-2:]
+    p = processor.patch_size
+    n = (h // p) * (w // p) + processor.num_additional_image_tokens
     return n - (processor.vision_feature_select_strategy == "default")
 
 
@@ -62,9 +56,7 @@ def read_samples(json_path, image_folder, rank=0, world=1):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
         assert isinstance(rows, list)
     except (OSError, ValueError, AssertionError) as e:
-        raise DataError(
-            f"{json_path}: not a readable LLaVA JSON list of samples, nor JSON Lines ({e})"
-        ) from e
+        raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
     samples, problems, moved = [], [], [0]
     for i, row in enumerate(rows):
         try:
@@ -262,18 +254,6 @@ def prepare_chat(processor, generation_config, where, end_is_eos=False):
         generation_config.pad_token_id = tok.pad_token_id
 
 
-def make_processor(image_processor, tokenizer, config, extra_tokens):
-    return transformers.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_token="<image>",
-        num_additional_image_tokens=extra_tokens,
-        chat_template=tokenizer.chat_template,
-    )
-
-
 class LlavaDataset(torch.utils.data.Dataset):
     """chat=False: the pretraining template  <image tokens> caption <eos>, labels on caption + eos.
     chat=True: the saved processor's chat template, labels on every assistant turn and its
@@ -287,7 +267,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.processor, self.tok = processor, processor.tokenizer
         self.image_token, self.image_token_id = processor.image_token, processor.image_token_id
         self.n_image_tokens = image_seq_length(processor)
-        # what the processor renders
         self.template = processor.chat_template or self.tok.chat_template
         if chat and not self.template:
             raise DataError(
@@ -300,9 +279,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def check_lengths(self, rank=0, world=1, drop=False):
-        """This process's share of the samples tokenized (no image read): a sample with no answer
-        token within max_length is refused by id (drop: left out, in a note; their indices are
-        returned); answers cut short are counted in a note."""
+        """This process's share tokenized, no image read: a sample with no answer token within
+        max_length is refused by id (drop: noted, and its index returned); a cut answer noted."""
         refused, cut, left_out = [], [], []
         for i in range(rank, len(self.rows), world):
             sid, image, conv = self.rows[i]
@@ -320,27 +298,24 @@ class LlavaDataset(torch.utils.data.Dataset):
                 refused.append(f"{sid} ({problem})")
                 left_out.append(i)
         where = f"{self.json_path}: {{n}} sample(s) have no answer token within --max_length"
+        where += f" {self.max_length}"
         if refused and not drop:
             raise DataError(
-                f"{where.replace('{n}', str(len(refused)))} {self.max_length}: "
-                f"{', '.join(refused[:10])}{' ...' if len(refused) > 10 else ''}; raise "
-                f"--max_length, remove them, or leave them out with --drop_too_long"
+                f"{where.replace('{n}', str(len(refused)))}: {', '.join(refused[:10])}"
+                f"{' ...' if len(refused) > 10 else ''}; raise --max_length, remove them, or leave "
+                f"them out with --drop_too_long"
             )
-        if refused:
+        if left_out:
             ids = [self.rows[i][0] for i in left_out]
-            note(f"note: {where} {self.max_length}: left out (--drop_too_long), e.g. {{ids}}", ids)
+            note(f"note: {where}: left out (--drop_too_long), e.g. {{ids}}", ids)
         if cut:
-            note(
-                f"note: {self.json_path}: {{n}} answer(s) cut short by --max_length "
-                f"{self.max_length} (their end token is not trained), e.g. {{ids}}",
-                cut,
-            )
+            limit = f"--max_length {self.max_length} (their end token is not trained)"
+            note(f"note: {self.json_path}: {{n}} answer(s) cut short by {limit}, e.g. {{ids}}", cut)
         return left_out
 
     def _plain(self, conv, has_image):
-        caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"] + [
-            self.tok.eos_token_id
-        ]
+        caption = self.tok(conv[1]["value"].strip(), add_special_tokens=False)["input_ids"]
+        caption = caption + [self.tok.eos_token_id]
         prompt = [self.image_token_id] if has_image else []
         return prompt + caption, [IGNORE] * len(prompt) + caption
 
@@ -421,37 +396,3 @@ def collate(rows, pad_token_id):
     out["pixel_values"] = torch.stack(images) if images else None
     out["errors"] = []
     return out
-
-
-def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False):
-    """This process's sample indices of one epoch, in order, from the seed and the epoch alone (so a
-    resumed run sees what an uninterrupted one would): the epoch's floor(N / global_batch) optimizer
-    steps, every sample in at most one. Shuffled as DistributedSampler shuffles; grouped, as LLaVA's
-    group_by_modality_length: samples with an image and text-only ones apart, each optimizer step's
-    samples sorted by length, so a micro-batch (and the same micro-step on every process) pads
-    to lengths alike."""
-    if not grouped:
-        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        return list(sampler)
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(len(ds), generator=g).tolist()
-    # a length from the text alone (characters / 4) and the image's tokens: no tokenizing
-    length = [
-        sum(len(t["value"]) for t in conv) // 4 + (image is not None) * ds.n_image_tokens
-        for _, image, conv in ds.rows
-    ]
-    kinds = [[i for i in perm if (ds.rows[i][1] is None) == text] for text in (False, True)]
-    steps, rest = [], []
-    for kind in kinds:  # whole optimizer steps of one kind
-        whole = len(kind) // global_batch * global_batch
-        steps += [kind[s : s + global_batch] for s in range(0, whole, global_batch)]
-        rest += kind[whole:]
-    whole = len(rest) // global_batch * global_batch  # then what is left of both, mixed
-    steps += [rest[s : s + global_batch] for s in range(0, whole, global_batch)]
-    order = []
-    for k in torch.randperm(len(steps), generator=g).tolist():
-        step = sorted(steps[k], key=lambda i: -length[i])  # micro-batch j: process j % world
-        micro = [step[j : j + batch] for j in range(0, global_batch, batch)]
-        order += [i for m in micro[rank::world] for i in m]
-    return order

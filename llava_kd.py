@@ -143,8 +143,6 @@ def distill_loss(
 
 
 # The lean path: the same loss from each model's last hidden states h [B, T, D] and head W [V, D].
-# Per block of rows: Y = h W^T [rows, V], never [B, T, V]; the spec's functions; G = dL/dY from
-# autograd; the head's chain rule written out. L_rel without the vocabulary: R = H (W^T W) H^T.
 def fused_loss(
     h_s,
     w_s,
@@ -160,19 +158,16 @@ def fused_loss(
     attention_mask=None,
     m_t=None,
     counts=(None,) * 4,
-    block=None,
+    block=2**24,
 ):
     """(loss, terms) = next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T); L_reg alone with no
-    teacher. m_t: W_t^T W_t on the shared vocabulary, fixed for a run (the loop passes it). block:
-    logits a block: 2^26 on CUDA (441 rows at V = 151936; a block reads both heads), else 2^24."""
+    teacher. m_t: W_t^T W_t on the shared vocabulary (the loop's); block: logits in a block."""
     teacher = h_t is not None
-    block = block or (2**26 if h_s.is_cuda else 2**24)
     # GEMMs in the dtype of the model's own head (bf16 under autocast), the rest in float32 at least
     autocast = torch.is_autocast_enabled(h_s.device.type)
     gemm_dtype = torch.get_autocast_dtype(h_s.device.type) if autocast else h_s.dtype
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
-    if visual_mask is None:
-        visual_mask = torch.zeros_like(labels, dtype=torch.bool)
+    visual_mask = torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
     # Each term's rows, weight and count (L_reg, L_res, L_vis, L_pro, L_rel); the host syncs, once
     answer = response_rows(labels)
     rows_of = [answer, answer, visual_mask, prompt_rows(labels, visual_mask, attention_mask)]
@@ -215,32 +210,28 @@ def fused_loss(
                 block_sums = (torch.stack([nll, kl, kl, kl], 1) * in_term[idx]).sum(0)
                 (G,) = torch.autograd.grad((block_sums * scale[:4]).sum(), Y_s)
             sums[:4] += block_sums.detach()
-            # Y = h W^T:  dL/dh = G W,  dL/dW = G^T h
-            dL_dh[idx] = (G @ w_gemm).to(acc_dtype)
+            dL_dh[idx] = (G @ w_gemm).to(acc_dtype)  # Y = h W^T: dL/dh = G W, dL/dW = G^T h
             if dL_dW is not None and G.dtype == acc_dtype:
                 dL_dW.addmm_(G.T, h_block)
             elif dL_dW is not None:
                 dL_dW += G.T @ h_block  # a bf16 product, summed in float32
         if K:  # L_rel, from [K, D] and [D, D] tensors
-            H_t = h_t[rel_rows]
-            args = (h[rel_rows], H_t, w[:v], w_t_gemm[:v], K, m_t, acc_dtype, block, scale[4])
-            relation, dL_dH, dL_dM = lean_relation(*args)
-            sums[4] = relation
+            w_acc = w[:v].to(acc_dtype)  # a copy only of a bf16 head (FSDP2's)
+            args = (h[rel_rows], h_t[rel_rows], w_acc, w_t_gemm[:v], K, m_t, block)
+            sums[4], dL_dH, dL_dM = lean_relation(*args, scale[4])
             dL_dh.index_add_(0, rel_rows, dL_dH)
             if dL_dW is not None:  # M = W^T W:  dL/dW = W (dL/dM + dL/dM^T)
-                dL_dW[:v].addmm_(w[:v].to(acc_dtype), dL_dM)
+                dL_dW[:v].addmm_(w_acc, dL_dM)
     loss = (sums * scale).sum().to(acc_dtype)
     loss = _GivenGradients.apply(loss, h_s, w_s, dL_dh.view(h_s.shape), dL_dW)
     names = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel") if teacher else ("L_reg",)
     return loss, dict(zip(names, (sums / n).to(acc_dtype)))
 
 
-def lean_relation(H_s, H_t, w_s, w_t, K, m_t, dtype, block, scale):
-    """L_rel summed over the samples (K visual rows each), no [K, V] logit: R = Y Y^T = H M H^T, M =
-    W^T W. H_s, H_t: the rows' hidden states; w_s, w_t: the heads on the shared vocabulary; m_t:
-    W_t^T W_t if given; dtype: the math's. (L_rel, scale dL/dH_s, scale (dL/dM_s + dL/dM_s^T))"""
-    w_acc = w_s.to(dtype)
-    M_s = (w_acc.T @ w_acc).requires_grad_()
+def lean_relation(H_s, H_t, w_s, w_t, K, m_t, block, scale):
+    """L_rel of samples of K visual rows each: R = Y Y^T = H M H^T, M = W^T W, never [K, V]."""
+    dtype = w_s.dtype  # float32 at least (the caller's)
+    M_s = (w_s.T @ w_s).requires_grad_()
     H_s = H_s.to(dtype).requires_grad_()
     if m_t is not None:  # R_t = H_t M_t H_t^T
         R_t = [H @ m_t.to(dtype) @ H.T for H in H_t.to(dtype).split(K)]
@@ -332,7 +323,15 @@ def build_student(vision_path, llm_path):
     projector = transformers.models.llava.modeling_llava.LlavaMultiModalProjector(config)
     model.model.multi_modal_projector = projector  # new, initialised from the seed
     model.generation_config = llm.generation_config
-    processor = data.make_processor(image_processor, tok, config, extra)
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_token="<image>",
+        num_additional_image_tokens=extra,
+        chat_template=tok.chat_template,
+    )
     config.image_seq_length = data.image_seq_length(processor)
     data.prepare_chat(processor, model.generation_config, llm_path)
     tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -470,6 +469,7 @@ class Student(torch.nn.Module):
             attention_mask=attention_mask,
             m_t=self.m_t,
             counts=counts,
+            block=2**26 if h_s.is_cuda else 2**24,  # CUDA: 441 rows, the heads read 4x less often
         )
 
 
@@ -692,7 +692,7 @@ def micro_batches(a, r, rank, world, step):
     while True:
         epoch, skip = divmod(step, r.steps_per_epoch)
         args = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed, epoch, a.group_by_length)
-        order = data.epoch_order(*args)[skip * per_step : r.steps_per_epoch * per_step]
+        order = runtime.epoch_order(*args)[skip * per_step : r.steps_per_epoch * per_step]
         loader = torch.utils.data.DataLoader(
             r.ds,
             a.batch_size,

@@ -21,6 +21,7 @@ import safetensors
 import torch
 import torch.distributed as dist
 import transformers
+from torch.utils.data.distributed import DistributedSampler
 
 import data
 
@@ -550,6 +551,40 @@ def loader_batches(loader):
     if loader.num_workers:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     yield from batches
+
+
+def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False):
+    """This process's sample indices of one epoch, in order, from the seed and the epoch alone (so a
+    resumed run sees what an uninterrupted one would): the epoch's floor(N / global_batch) optimizer
+    steps, every sample in at most one. Shuffled as DistributedSampler shuffles; grouped, as LLaVA's
+    group_by_modality_length: samples with an image and text-only ones apart, each optimizer step's
+    samples sorted by length, so a micro-batch (and the same micro-step on every process) pads
+    to lengths alike."""
+    if not grouped:
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(ds), generator=g).tolist()
+    # a length from the text alone (characters / 4) and the image's tokens: no tokenizing
+    length = [
+        sum(len(t["value"]) for t in conv) // 4 + (image is not None) * ds.n_image_tokens
+        for _, image, conv in ds.rows
+    ]
+    kinds = [[i for i in perm if (ds.rows[i][1] is None) == text] for text in (False, True)]
+    steps, rest = [], []
+    for kind in kinds:  # whole optimizer steps of one kind
+        whole = len(kind) // global_batch * global_batch
+        steps += [kind[s : s + global_batch] for s in range(0, whole, global_batch)]
+        rest += kind[whole:]
+    whole = len(rest) // global_batch * global_batch  # then what is left of both, mixed
+    steps += [rest[s : s + global_batch] for s in range(0, whole, global_batch)]
+    order = []
+    for k in torch.randperm(len(steps), generator=g).tolist():
+        step = sorted(steps[k], key=lambda i: -length[i])  # micro-batch j: process j % world
+        micro = [step[j : j + batch] for j in range(0, global_batch, batch)]
+        order += [i for m in micro[rank::world] for i in m]
+    return order
 
 
 def take(batches, n):

@@ -432,7 +432,7 @@ def test_each_epoch_takes_every_sample_once_in_whole_steps_on_every_process(toy,
 
     def order(epoch):
         return [
-            data.epoch_order(ds, G, B, world, r, 0, epoch, grouped)[: steps * per_step]
+            runtime.epoch_order(ds, G, B, world, r, 0, epoch, grouped)[: steps * per_step]
             for r in range(world)
         ]
 

@@ -38,7 +38,7 @@ MUTANTS = [
     ),
     (
         "every epoch the same order",
-        "llava_kd.py",
+        "runtime.py",
         "sampler.set_epoch(epoch)",
         "sampler.set_epoch(0)",
         LOOP,
@@ -146,8 +146,8 @@ MUTANTS = [
     (
         "plain template without eos",
         "data.py",
-        '["input_ids"] + [\n            self.tok.eos_token_id\n        ]',
-        '["input_ids"]',
+        "caption = caption + [self.tok.eos_token_id]",
+        "caption = caption",
         DATA,
     ),
     (
