@@ -14,7 +14,6 @@ data.py; the flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.
 """
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -156,95 +155,150 @@ def fused_loss(
     *,
     delta=0.0,
     attention_mask=None,
+    m_s=None,
     m_t=None,
     counts=(None,) * 4,
     block=2**24,
 ):
     """(loss, terms) = next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T); L_reg alone with no
-    teacher. m_t: W_t^T W_t on the shared vocabulary (the loop's); block: logits in a block."""
+    teacher. m_s, m_t: each head's W^T W on the shared vocabulary (the loop's); block: logits in a
+    block. With the masks on the CPU (the loop's), nothing waits for the GPU."""
     teacher = h_t is not None
+    device = h_s.device
     # GEMMs in the dtype of the model's own head (bf16 under autocast), the rest in float32 at least
-    autocast = torch.is_autocast_enabled(h_s.device.type)
-    gemm_dtype = torch.get_autocast_dtype(h_s.device.type) if autocast else h_s.dtype
+    amp = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    gemm_dtype = torch.get_autocast_dtype(device.type) if amp else h_s.dtype
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
     visual_mask = torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
-    # Each term's rows, weight and count (L_reg, L_res, L_vis, L_pro, L_rel); the host syncs, once
+    # Each term's rows, weight and count (L_reg, L_res, L_vis, L_pro, L_rel), where the masks are
     answer = response_rows(labels)
     rows_of = [answer, answer, visual_mask, prompt_rows(labels, visual_mask, attention_mask)]
     weights = [1.0, alpha, beta, delta, gamma] if teacher else [1.0, 0.0, 0.0, 0.0, 0.0]
     given = [counts[0], counts[0], counts[1], counts[3], counts[2]]
     found = [m.sum() for m in rows_of] + [visual_mask.any(1).sum()]
     n = [float(c) if c is not None else max(int(f), 1) for c, f in zip(given, found)]
-    n = torch.tensor(n, dtype=torch.float64, device=h_s.device)
-    scale = torch.tensor(weights, dtype=torch.float64, device=h_s.device) / n
+    n = torch.tensor(n, dtype=torch.float64)
+    scale = torch.tensor(weights, dtype=torch.float64) / n
     in_term = torch.stack([m.flatten() & (w != 0) for m, w in zip(rows_of, weights)], 1)
-    in_term = in_term.to(acc_dtype)
     rows = in_term.any(1).nonzero().flatten()  # the rows the blocks take
+    in_term = in_term[rows].double()
+    a = in_term[:, 0] * scale[0]  # a row's weight in L_reg, and in the KL terms (b)
+    b = in_term[:, 1:] @ scale[1:4]
+    target = next_tokens(labels).flatten()[rows]
     rel = visual_mask if teacher and gamma else torch.zeros_like(visual_mask)
     rel_rows = rel.flatten().nonzero().flatten()  # L_rel's rows, sample by sample
     K = [k for k in rel.sum(1).tolist() if k]  # K of them for each sample with an image
+    rows, target, rel_rows = (to_device(x, device) for x in (rows, target, rel_rows))
+    in_term, a, b = (to_device(x.to(acc_dtype), device) for x in (in_term, a, b))
     h, w = h_s.detach().flatten(0, 1), w_s.detach()
     w_gemm = w.to(gemm_dtype)  # a copy only under autocast
-    target = next_tokens(labels).flatten()
-    sums = torch.zeros(5, dtype=torch.float64, device=h_s.device)
-    dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=h_s.device)
-    dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=h_s.device) if w_s.requires_grad else None
+    V = len(w)
+    v = min(V, len(w_t)) if teacher else V  # the shared vocabulary
     if teacher:
         h_t = h_t.detach().flatten(0, 1)
-        w_t_gemm = w_t.detach().to(gemm_dtype)
-        v = min(len(w_s), len(w_t))
-    with torch.autocast(h_s.device.type, enabled=False):  # the dtypes are set above
-        for idx in rows.tensor_split(max(1, math.ceil(len(rows) * len(w_s) / block))):
-            h_block = h[idx].to(gemm_dtype)
-            Y_s = (h_block @ w_gemm.T).requires_grad_()  # Y = h W^T, this block's rows only
-            with torch.enable_grad():
-                log_p_s = log_probs(Y_s)
-                nll = nll_per_row(log_p_s, target[idx])
-                kl = torch.zeros_like(nll)
-                if teacher:
-                    Y_t = h_t[idx].to(gemm_dtype) @ w_t_gemm.T
-                    if v < len(w_s):  # the KL on the shared vocabulary
-                        log_p_s = log_probs(Y_s[:, :v])
-                    kl = kl_per_row(log_p_s, log_probs(Y_t[:, :v]))
-                # each row counted in the terms it belongs to; each term weighted, over its count
-                block_sums = (torch.stack([nll, kl, kl, kl], 1) * in_term[idx]).sum(0)
-                (G,) = torch.autograd.grad((block_sums * scale[:4]).sum(), Y_s)
-            sums[:4] += block_sums.detach()
-            dL_dh[idx] = (G @ w_gemm).to(acc_dtype)  # Y = h W^T: dL/dh = G W, dL/dW = G^T h
-            if dL_dW is not None and G.dtype == acc_dtype:
-                dL_dW.addmm_(G.T, h_block)
-            elif dL_dW is not None:
-                dL_dW += G.T @ h_block  # a bf16 product, summed in float32
-        if K:  # L_rel, from [K, D] and [D, D] tensors
-            w_acc = w[:v].to(acc_dtype)  # a copy only of a bf16 head (FSDP2's)
-            args = (h[rel_rows], h_t[rel_rows], w_acc, w_t_gemm[:v], K, m_t, block)
-            sums[4], dL_dH, dL_dM = lean_relation(*args, scale[4])
+        w_t_gemm = w_t.detach()[:v].to(gemm_dtype)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=device)
+    dL_dW = None
+    with torch.autocast(device.type, enabled=False) if amp else contextlib.nullcontext():
+        if K:  # L_rel first, from [K, D] and [D, D] tensors; M = W^T W: dL/dW = W (dL/dM + dL/dM^T)
+            m_s = head_gram(w[:v]) if m_s is None else m_s
+            m_t = head_gram(w_t.detach()[:v]) if m_t is None else m_t
+            args = (h[rel_rows], h_t[rel_rows], m_s, m_t, K, float(scale[4]))
+            sums[4], dL_dH, dL_dM = lean_relation(*args)
             dL_dh.index_add_(0, rel_rows, dL_dH)
-            if dL_dW is not None:  # M = W^T W:  dL/dW = W (dL/dM + dL/dM^T)
-                dL_dW[:v].addmm_(w_acc, dL_dM)
-    loss = (sums * scale).sum().to(acc_dtype)
+            if w_s.requires_grad:
+                dL_dW = matmul(w_gemm[:v], dL_dM.to(gemm_dtype), acc_dtype)
+                dL_dW = F.pad(dL_dW, (0, 0, 0, V - v)) if v < V else dL_dW
+        for start in range(0, len(rows), max(1, block // V)):
+            part = slice(start, start + max(1, block // V))
+            h_block = h[rows[part]].to(gemm_dtype)
+            kd = (h_t[rows[part]].to(gemm_dtype), w_t_gemm) if teacher else ()
+            nll, kl, G = lean_block(h_block, w_gemm, target[part], a[part], b[part], *kd)
+            sums[:4] += (torch.stack([nll, kl, kl, kl], 1) * in_term[part]).sum(0)
+            dL_dh.index_add_(0, rows[part], matmul(G, w_gemm, acc_dtype))  # Y = h W^T: dL/dh = G W
+            if w_s.requires_grad:  # dL/dW = G^T h
+                dL_dW = matmul(G.T, h_block, acc_dtype, dL_dW)
+            del G  # before the next block's
+    if w_s.requires_grad and dL_dW is None:  # no row in any term
+        dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=device)
+    loss = (sums * to_device(scale, device)).sum().to(acc_dtype)
     loss = _GivenGradients.apply(loss, h_s, w_s, dL_dh.view(h_s.shape), dL_dW)
     names = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel") if teacher else ("L_reg",)
-    return loss, dict(zip(names, (sums / n).to(acc_dtype)))
+    return loss, dict(zip(names, (sums / to_device(n, device)).to(acc_dtype)))
 
 
-def lean_relation(H_s, H_t, w_s, w_t, K, m_t, block, scale):
+def lean_block(h, w, target, a, b, h_t=None, w_t=None):
+    """One block of rows: -log phi_s(y) and KLD, one value a row, and dL/dY_s (G, in w's dtype),
+    the softmax's gradients without autograd. a, b [N]: each row's weight in L_reg, in the KLs."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b = a[:, None], b[:, None]
+    V = len(w)
+    # log phi_s(Y_s), Y_s = h W_s^T on this block's rows only, float32 at least
+    log_p_s = log_probs(matmul(h, w.T, dtype))
+    nll = nll_per_row(log_p_s, target)
+    kl = torch.zeros_like(nll)
+    # dL/dY_s = a (phi_s - onehot(y)) + b (phi_s - phi_t), the gradients of -log phi_s(y) and of
+    # KLD, = c phi_s - q with c = a + b, q = a onehot(y) + b phi_t
+    c = a + b
+    if h_t is not None:
+        v = len(w_t)  # the shared vocabulary
+        log_p_t = log_probs(matmul(h_t, w_t.T, dtype))
+        p_t = log_p_t.exp()
+        # the student's log phi_s' on the shared vocabulary (log_softmax ignores a shift)
+        log_p_sv = log_p_s if v == V else log_probs(log_p_s[:, :v])
+        # KLD = sum_j phi_t log phi_t - sum_j phi_t log phi_s', two dot products a row
+        neg_entropy = torch.einsum("nv,nv->n", p_t, log_p_t)
+        kl = neg_entropy - torch.einsum("nv,nv->n", p_t, log_p_sv)
+        del log_p_t
+        if v < V:  # KLD's gradient is b (phi_s' - phi_t), on the shared vocabulary only
+            p_t, c = F.pad(p_t.sub_(log_p_sv.exp()), (0, V - v)), a
+    minus_q = p_t.mul_(-b) if h_t is not None else torch.zeros_like(log_p_s)
+    minus_q.scatter_add_(1, target[:, None].clamp_min(0), -a)  # a = 0 where y = -100
+    G = torch.empty(minus_q.shape, dtype=w.dtype, device=w.device)
+    return (
+        nll,
+        kl,
+        torch.addcmul(minus_q, log_p_s.exp_(), c, out=G),
+    )  # G = c phi_s - q, rounded once
+
+
+def lean_relation(H_s, H_t, m_s, m_t, K, scale):
     """L_rel of samples of K visual rows each: R = Y Y^T = H M H^T, M = W^T W, never [K, V]."""
-    dtype = w_s.dtype  # float32 at least (the caller's)
-    M_s = (w_s.T @ w_s).requires_grad_()
+    dtype = m_s.dtype  # float32 at least
+    M_s = m_s.detach().requires_grad_()
     H_s = H_s.to(dtype).requires_grad_()
-    if m_t is not None:  # R_t = H_t M_t H_t^T
-        R_t = [H @ m_t.to(dtype) @ H.T for H in H_t.to(dtype).split(K)]
-    else:  # R_t = Y_t Y_t^T summed over chunks of the teacher's vocabulary: never [K, V]
-        R_t = [0] * len(K)
-        for w_chunk in w_t.split(max(1, block // len(H_t))):
-            Y_t = (H_t.to(w_t.dtype) @ w_chunk.T).to(dtype).split(K)
-            R_t = [R + Y @ Y.T for R, Y in zip(R_t, Y_t)]
+    R_t = [H @ m_t.to(dtype) @ H.T for H in H_t.to(dtype).split(K)]
     with torch.enable_grad():
         R_s = [H @ M_s @ H.T for H in H_s.split(K)]
         relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
         dL_dH, dL_dM = torch.autograd.grad(relation * scale, (H_s, M_s))
     return relation.detach(), dL_dH, dL_dM + dL_dM.T
+
+
+def head_gram(w):
+    """M = W^T W in float32 at least: [V, D] -> [D, D]."""
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    return w.T @ w
+
+
+def matmul(x, y, dtype, out=None):
+    """x @ y (+ out, in place) in `dtype`. CUDA's bf16 GEMMs sum and write in float32 (meta, the
+    benches' device, takes the same path on shapes alone); elsewhere a bf16 product is cast."""
+    if x.dtype == dtype:
+        return x @ y if out is None else out.addmm_(x, y)
+    if x.device.type not in ("cuda", "meta"):
+        return (x @ y).to(dtype) if out is None else out.add_(x @ y)
+    if out is None:
+        return torch.mm(x, y, out_dtype=dtype)
+    return torch.addmm(out, x, y, out_dtype=dtype, out=out)
+
+
+def to_device(x, device):
+    """A small tensor (of the masks' rows) to h's device: from the CPU to CUDA a pinned copy, which
+    the host does not wait for."""
+    pinned = x.pin_memory() if device.type == "cuda" and x.device.type == "cpu" else x
+    return pinned.to(device, non_blocking=True)
 
 
 class _GivenGradients(torch.autograd.Function):
@@ -442,53 +496,57 @@ def apply_stage(model, stage):
 class Student(torch.nn.Module):
     """What DDP or FSDP wraps: the student from Z_v (computed once, shared with the teacher) to its
     loss, so that every parameter the loss reaches (the head too: fused_loss applies it) is in it.
-    m_t, the teacher's fixed W_t^T W_t, is held here, not passed to forward: FSDP2's mixed precision
-    casts every floating input of forward to bf16."""
+    Held here, not passed to forward (FSDP2's mixed precision casts every floating input of forward
+    to bf16): m_t, the teacher's fixed W_t^T W_t, and W_s^T W_s, made once an optimizer step."""
 
     def __init__(self, llava, m_t=None):
         super().__init__()
         self.llava = llava
         self.m_t = m_t
+        self.m_s = (None, None)  # (the step it is of, W_s^T W_s)
 
-    def forward(self, input_ids, attention_mask, z_v, labels, h_t, w_t, weights, counts):
+    def forward(self, input_ids, attention_mask, z_v, cpu, h_t, w_t, weights, counts, step=None):
+        """cpu: the CPU batch's labels, attention and visual masks in a namespace (DDP and FSDP2
+        move a tensor argument to the GPU): fused_loss reads its rows there, without a host sync.
+        step: the optimizer step (None: nothing is held from a call to the next)."""
         h_s = llava_hidden(self.llava, input_ids, attention_mask, z_v)
-        visual_mask = input_ids == self.llava.config.image_token_id
         alpha, beta, gamma, delta = weights
         w_s = self.llava.lm_head.weight
-        return fused_loss(
-            h_s,
-            w_s,
-            labels,
-            visual_mask,
-            h_t,
-            w_t,
-            alpha,
-            beta,
-            gamma,
-            delta=delta,
-            attention_mask=attention_mask,
-            m_t=self.m_t,
-            counts=counts,
-            block=2**26 if h_s.is_cuda else 2**24,  # CUDA: 441 rows, the heads read 4x less often
-        )
+        relation = h_t is not None and gamma
+        key = step if w_s.requires_grad else "frozen"  # a frozen head's: once a run
+        if relation and (step is None or self.m_s[0] != key):
+            with torch.autocast(w_s.device.type, enabled=False):
+                shared = w_s.detach()[: min(len(w_s), len(w_t))]
+                self.m_s = (key, head_gram(shared))
+        m_s = self.m_s[1] if relation else None
+        kw = dict(delta=delta, attention_mask=cpu.attention_mask, m_s=m_s, m_t=self.m_t)
+        args = (h_s, w_s, cpu.labels, cpu.visual_mask, h_t, w_t, alpha, beta, gamma)
+        return fused_loss(*args, **kw, counts=counts, block=runtime.LOSS_BLOCK[h_s.device.type])
 
 
 def teacher_gram(teacher, model):
     """M_t = W_t^T W_t over the vocabulary the two heads share: fixed for the run, so the teacher's
     side of L_rel costs [K, D] x [D, D] products a step instead of the vocabulary."""
     v = min(len(teacher.lm_head.weight), len(model.lm_head.weight))
-    w = teacher.lm_head.weight[:v].float()
-    return w.T @ w
+    return head_gram(teacher.lm_head.weight[:v].detach())
 
 
 TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
 
 
-def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4):
+def stage_loss(
+    student, model, teacher, batch, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4, step=None
+):
     """One micro-batch's loss: L_reg in pt and sft; with a teacher (dpt, dft) L_reg + alpha L_res +
     beta L_vis + gamma L_rel (+ delta L_pro). `student` runs the student (Student, or DDP around
-    it), `model` is its LLaVA. The teacher gives its last hidden states and head; fused_loss does
-    the rest."""
+    it), `model` is its LLaVA, `batch` the CPU's (pinned on CUDA). The teacher gives its last hidden
+    states and head; fused_loss does the rest."""
+    device = model.lm_head.weight.device
+    b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    visual = batch["input_ids"] == model.config.image_token_id
+    cpu = types.SimpleNamespace(
+        labels=batch["labels"], attention_mask=batch["attention_mask"], visual_mask=visual
+    )
     with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
         z_v = None
         if b["pixel_values"] is not None:
@@ -497,8 +555,8 @@ def stage_loss(student, model, teacher, b, weights=(1.0, 1.0, 0.5, 0.0), counts=
         if teacher is not None:
             h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v)
             w_t = teacher.lm_head.weight
-    ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
-    loss, terms = student(ids, mask, z_v, labels, h_t, w_t, weights, counts)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    loss, terms = student(ids, mask, z_v, cpu, h_t, w_t, weights, counts, step)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
@@ -600,21 +658,6 @@ def load(a, checked, cuda, world, rank):
     return model, processor, teacher, ds, left_out
 
 
-def start(a):
-    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
-    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        runtime.init_distributed(cuda)
-    rank = dist.get_rank() if ddp else 0
-    world = dist.get_world_size() if ddp else 1
-    return ddp, cuda, device, rank, world
-
-
 def wire(a, ddp, cuda, device, rank, world):
     """What a stage needs before its first step: the checks (flags and every sample first: a typo
     costs seconds, not a teacher's loading time), the models in their modes, the student wrapped
@@ -684,45 +727,7 @@ def wire(a, ddp, cuda, device, rank, world):
     )
 
 
-def micro_batches(a, r, rank, world, step):
-    """This process's micro-batches from optimizer step `step` on. The order depends only on the
-    seed and the epoch, so a resumed run sees what an uninterrupted one would have."""
-    collate = functools.partial(data.collate, pad_token_id=r.processor.tokenizer.pad_token_id)
-    per_step = r.accum * a.batch_size
-    while True:
-        epoch, skip = divmod(step, r.steps_per_epoch)
-        args = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed, epoch, a.group_by_length)
-        order = runtime.epoch_order(*args)[skip * per_step : r.steps_per_epoch * per_step]
-        loader = torch.utils.data.DataLoader(
-            r.ds,
-            a.batch_size,
-            sampler=order,
-            collate_fn=collate,
-            num_workers=a.workers,
-            worker_init_fn=runtime.ignore_signals,
-        )
-        yield from runtime.loader_batches(loader)
-        step = (epoch + 1) * r.steps_per_epoch
-
-
-def save(a, r, master, done):
-    """out/checkpoint after `done` steps (under FSDP every process gathers the full state). Rank 0
-    writes, the others wait: nobody runs ahead of a checkpoint being written."""
-    full_weights, opt_state = runtime.full_state(r.student, r.opt) if a.fsdp else (None, None)
-    state = dict(
-        step=done,
-        total=r.total,
-        global_batch=r.global_batch,
-        seed=a.seed,
-        optimizer=opt_state if a.fsdp else r.opt.state_dict(),
-        args=vars(a),
-    )
-    what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
-    save = runtime.save_checkpoint
-    runtime.on_rank0(master, what, save, r.model, r.processor, state, a.out, full_weights)
-
-
-def forward_backward(a, r, micro, counts, ddp, device):
+def forward_backward(a, r, micro, counts, ddp, device, step):
     """The forward and backward of this process's micro-batches of one step, their gradients summed.
     [7] float64 on the device: the loss, its five terms, and a slot for the stop request."""
     cuda = device.type == "cuda"
@@ -730,7 +735,6 @@ def forward_backward(a, r, micro, counts, ddp, device):
     weights = (a.alpha, a.beta, a.gamma, a.delta)
     logged = torch.zeros(7, dtype=torch.float64, device=device)
     for i, b in enumerate(micro):
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         # DDP: only the last micro-step all-reduces the gradients, the others accumulate them
         # locally. FSDP2: every micro-step reduce-scatters within a node (without, each process
         # would hold every gradient whole in float32: ~15 GiB for the 4B teacher), only the last
@@ -741,7 +745,7 @@ def forward_backward(a, r, micro, counts, ddp, device):
         no_sync = ddp and not a.fsdp and not last
         sync = r.student.no_sync() if no_sync else contextlib.nullcontext()
         with sync, autocast:
-            loss, terms = stage_loss(r.student, r.model, r.teacher, b, weights, counts)
+            loss, terms = stage_loss(r.student, r.model, r.teacher, b, weights, counts, step)
         loss.backward()
         zero = torch.zeros((), device=device)
         values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
@@ -750,7 +754,7 @@ def forward_backward(a, r, micro, counts, ddp, device):
 
 
 def train(a):
-    ddp, cuda, device, rank, world = start(a)
+    ddp, cuda, device, rank, world = runtime.start(a)
     master = rank == 0
     r = wire(a, ddp, cuda, device, rank, world)
     if r is None:
@@ -766,7 +770,7 @@ def train(a):
             f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
     preemption = runtime.Preemption()  # SIGTERM & co: a checkpoint after the current step
-    batches = micro_batches(a, r, rank, world, r.step)
+    batches = runtime.micro_batches(a, r, rank, world, r.step)
     bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
@@ -776,13 +780,13 @@ def train(a):
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
         if failed:  # an image that did not decode or a dead loader worker, on any process: stop
-            save(a, r, master, step)  # at the last whole step
+            runtime.save(a, r, master, step)  # at the last whole step
             fix = "replace the file with a readable image, --resume"
             held = f"{ckpt} holds step {step}"
             errors = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
             runtime.agreed(runtime.fail, errors)
         # the loss, the five terms, and whether a process was asked to stop
-        logged = forward_backward(a, r, micro, counts, ddp, device)
+        logged = forward_backward(a, r, micro, counts, ddp, device, step)
         logged[6] = preemption.received is not None
         if ddp:
             dist.all_reduce(logged)
@@ -818,7 +822,7 @@ def train(a):
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
         if step + 1 == r.end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
-            save(a, r, master, step + 1)
+            runtime.save(a, r, master, step + 1)
         if stopping:
             by = preemption.received or "a signal to another process"
             raise runtime.agreed_error(

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import datetime
 import errno
+import functools
 import importlib.util
 import json
 import os
@@ -47,6 +48,21 @@ def init_distributed(cuda):
     dist.init_process_group("nccl" if cuda else "gloo")
     long = datetime.timedelta(hours=2)
     _waits.append(dist.new_group(backend="gloo", timeout=long))
+
+
+def start(a):
+    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
+    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and not a.cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        init_distributed(cuda)
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    return ddp, cuda, device, rank, world
 
 
 def agreed(fn, *args):
@@ -587,6 +603,28 @@ def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False
     return order
 
 
+def micro_batches(a, r, rank, world, step):
+    """This process's micro-batches from optimizer step `step` on. The order depends only on the
+    seed and the epoch, so a resumed run sees what an uninterrupted one would have."""
+    collate = functools.partial(data.collate, pad_token_id=r.processor.tokenizer.pad_token_id)
+    per_step = r.accum * a.batch_size
+    while True:
+        epoch, skip = divmod(step, r.steps_per_epoch)
+        args = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed, epoch, a.group_by_length)
+        order = epoch_order(*args)[skip * per_step : r.steps_per_epoch * per_step]
+        loader = torch.utils.data.DataLoader(
+            r.ds,
+            a.batch_size,
+            sampler=order,
+            collate_fn=collate,
+            num_workers=a.workers,
+            worker_init_fn=ignore_signals,
+            pin_memory=torch.cuda.is_available() and not a.cpu,  # copied without the host waiting
+        )
+        yield from loader_batches(loader)
+        step = (epoch + 1) * r.steps_per_epoch
+
+
 def take(batches, n):
     """The next n micro-batches, or one that names a dead loader worker as its error."""
     try:
@@ -729,6 +767,22 @@ def full_state(student, opt):
     return weights, get_optimizer_state_dict(student, opt, options=full)
 
 
+def save(a, r, master, done):
+    """out/checkpoint after `done` steps (under FSDP every process gathers the full state). Rank 0
+    writes, the others wait: nobody runs ahead of a checkpoint being written."""
+    full_weights, opt_state = full_state(r.student, r.opt) if a.fsdp else (None, None)
+    state = dict(
+        step=done,
+        total=r.total,
+        global_batch=r.global_batch,
+        seed=a.seed,
+        optimizer=opt_state if a.fsdp else r.opt.state_dict(),
+        args=vars(a),
+    )
+    what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
+    on_rank0(master, what, save_checkpoint, r.model, r.processor, state, a.out, full_weights)
+
+
 def load_optimizer(student, opt, state, fsdp):
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (
@@ -852,6 +906,9 @@ def peak_reserved_bytes(device):
 # autocast: the norms stay float32, each projection's input is its own bf16 cast (34 x hidden on a
 # CPU; 36 allows the attention output that CUDA's kernels save beside).
 ACTIVATIONS = {torch.float32: (40, 16), torch.bfloat16: (36, 8)}
+# fused_loss's block, logits (the loop's): on CUDA 883 rows of Qwen's 151936, the heads read once
+# a block
+LOSS_BLOCK = dict(cuda=2**27, cpu=2**24)
 BLOCK_TENSORS = 10  # [rows, V] float32 tensors alive in a block of fused_loss (measured, peak RSS)
 CPU_RUNTIME = 0.4 * 2**30  # python, torch, transformers and the data (peak RSS measured)
 CUDA_RUNTIME = 1.0 * 2**30  # CUDA context, NCCL buffers (an estimate; nothing on a CPU shows it)
@@ -947,7 +1004,9 @@ def memory_plan(
     # and backward's start, which scales dL/dW and dL/dh into new tensors
     head = 4 * V * D if student.lm_head.weight.requires_grad else 0
     hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
-    block = BLOCK_TENSORS * 4 * min(2**26 if cuda else 2**24, tokens * V)  # fused_loss's block
+    block = (
+        BLOCK_TENSORS * 4 * min(LOSS_BLOCK["cuda" if cuda else "cpu"], tokens * V)
+    )  # fused_loss's block
     if cuda:
         block += (0 if fsdp else 2 * V * D) + (2 * V * D if head else 0)
         block += 4 * V * D if fsdp and teacher is not None and gamma else 0
