@@ -248,8 +248,7 @@ def lean_block(h, w, target, a, b, h_t=None, w_t=None):
         # the student's log phi_s' on the shared vocabulary (log_softmax ignores a shift)
         log_p_sv = log_p_s if v == V else log_probs(log_p_s[:, :v])
         # KLD = sum_j phi_t log phi_t - sum_j phi_t log phi_s', two dot products a row
-        neg_entropy = torch.einsum("nv,nv->n", p_t, log_p_t)
-        kl = neg_entropy - torch.einsum("nv,nv->n", p_t, log_p_sv)
+        kl = rowdot(p_t, log_p_t) - rowdot(p_t, log_p_sv)
         del log_p_t
         if v < V:  # KLD's gradient is b (phi_s' - phi_t), on the shared vocabulary only
             p_t, c = F.pad(p_t.sub_(log_p_sv.exp()), (0, V - v)), a
@@ -274,6 +273,13 @@ def lean_relation(H_s, H_t, m_s, m_t, K, scale):
         relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
         dL_dH, dL_dM = torch.autograd.grad(relation * scale, (H_s, M_s))
     return relation.detach(), dL_dH, dL_dM + dL_dM.T
+
+
+def rowdot(x, y):
+    """Each row's sum_j x_j y_j, [N, V] -> [N]: one batched product, summed in chunks of the row
+    (V over its largest power-of-two factor) so that float32 sums of a few thousand terms add up."""
+    k = x.shape[1] & -x.shape[1]
+    return torch.einsum("nkv,nkv->nk", x.unflatten(1, (k, -1)), y.unflatten(1, (k, -1))).sum(1)
 
 
 def head_gram(w):
@@ -673,6 +679,7 @@ def wire(a, ddp, cuda, device, rank, world):
         runtime.leave_out(ds, runtime.gathered(left_out), global_batch, a.out, rank == 0)
     apply_stage(model, a.stage)
     model.to(device)
+    runtime.hold_frozen_in_bf16(model, cuda)
     # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
     # mode); the vision tower, frozen and shared with the teacher, stays in eval mode as the teacher
     model.train()

@@ -603,6 +603,15 @@ def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False
     return order
 
 
+def loader_workers(asked):
+    """--workers, or the CPUs this process may run on, shared by its node's processes, less one for
+    the process itself, 8 at most (an image takes ~22 ms to decode and process: 8 a micro-batch)."""
+    if asked is not None:
+        return asked
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cpus - 1))
+
+
 def micro_batches(a, r, rank, world, step):
     """This process's micro-batches from optimizer step `step` on. The order depends only on the
     seed and the epoch, so a resumed run sees what an uninterrupted one would have."""
@@ -617,7 +626,7 @@ def micro_batches(a, r, rank, world, step):
             a.batch_size,
             sampler=order,
             collate_fn=collate,
-            num_workers=a.workers,
+            num_workers=loader_workers(a.workers),
             worker_init_fn=ignore_signals,
             pin_memory=torch.cuda.is_available() and not a.cpu,  # copied without the host waiting
         )
@@ -691,8 +700,31 @@ def read_train_state(path):
 # Saving: stock checkpoints, and what --resume needs.
 
 
+def hold_frozen_in_bf16(model, cuda):
+    """On CUDA, the frozen Linear and Conv2d weights that bf16 holds exactly (those of a bf16
+    checkpoint: most published ones) are held in bf16. Autocast ran them in bf16 anyway, the same
+    numbers, now without a cast at each use and each recompute, in half the memory. A weight tied to
+    the embeddings stays (the residual stream stays float32). Checkpoints save them in float32."""
+    tied = model.get_input_embeddings().weight
+    for m in model.modules() if cuda else []:
+        w = getattr(m, "weight", None)
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or w.requires_grad or w is tied:
+            continue
+        if w.dtype == torch.float32 and torch.equal(w.bfloat16().float(), w):
+            w.data = w.data.bfloat16()
+            w.held_in_bf16 = True
+
+
 def save_checkpoint_files(model, processor, out, state_dict=None):
-    model.save_pretrained(out, state_dict=state_dict)  # safetensors; FSDP: the gathered state dict
+    # FSDP: the gathered state dict; a weight held in bf16 saved as the float32 it equals
+    held = [n for n, p in model.named_parameters() if getattr(p, "held_in_bf16", False)]
+    if held:
+        state_dict = dict(model.state_dict() if state_dict is None else state_dict)
+        state_dict.update({n: state_dict[n].float().cpu() for n in held if n in state_dict})
+    model.save_pretrained(out, state_dict=state_dict)  # safetensors
+    if held:  # save_pretrained names the dtype of the first parameter, a held one's here
+        model.config.dtype = torch.float32
+        model.config.save_pretrained(out)
     processor.save_pretrained(out)
 
 
@@ -907,9 +939,9 @@ def peak_reserved_bytes(device):
 # CPU; 36 allows the attention output that CUDA's kernels save beside).
 ACTIVATIONS = {torch.float32: (40, 16), torch.bfloat16: (36, 8)}
 # fused_loss's block, logits (the loop's): on CUDA 883 rows of Qwen's 151936, the heads read once
-# a block
+# a block; [rows, V] float32 tensors alive in a block (2.7 measured, peak RSS)
 LOSS_BLOCK = dict(cuda=2**27, cpu=2**24)
-BLOCK_TENSORS = 10  # [rows, V] float32 tensors alive in a block of fused_loss (measured, peak RSS)
+BLOCK_TENSORS = 3
 CPU_RUNTIME = 0.4 * 2**30  # python, torch, transformers and the data (peak RSS measured)
 CUDA_RUNTIME = 1.0 * 2**30  # CUDA context, NCCL buffers (an estimate; nothing on a CPU shows it)
 
@@ -979,9 +1011,9 @@ def memory_plan(
     if teacher is not None:
         t_hidden = teacher.config.text_config.hidden_size
         frozen = numel(teacher) - numel(teacher.model.vision_tower)  # the tower is the student's
-        gram = 4 * t_hidden**2 if gamma else 0  # W_t^T W_t for L_rel, fixed for the run
+        gram = 4 * (t_hidden**2 + D**2) if gamma else 0  # W^T W of both heads, for L_rel
         rows.append(("teacher, frozen (the tower is the student's)", size * frozen, "held"))
-        rows.append(("teacher's W_t^T W_t", gram, "held"))
+        rows.append(("W^T W of both heads", gram, "held"))
     base = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
     rows.append((*base, "held"))
     # FSDP2: the root group whole through forward and backward, two layers gathered at a time
@@ -999,18 +1031,16 @@ def memory_plan(
             (f"bf16 copies of the weights (autocast), checkpointing {on}", copies, "forward")
         )
     # fused_loss: dL/dW [V, D] and dL/dh in float32 and the hidden states of both models; then the
-    # larger of one block's [rows, V] tensors (with, on CUDA, the head's bf16 copy under DDP, the
-    # bf16 [V, D] product of its gradient, and under FSDP2 L_rel's float32 copy of the bf16 head)
-    # and backward's start, which scales dL/dW and dL/dh into new tensors
+    # larger of one block's [rows, V] tensors (with, on CUDA, the head's bf16 copy under DDP, and
+    # under FSDP2 the float32 copy of the bf16 head that W_s^T W_s is made from) and backward's
+    # start, which scales dL/dW and dL/dh into new tensors (FSDP2: and casts dL/dW to bf16)
     head = 4 * V * D if student.lm_head.weight.requires_grad else 0
     hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
-    block = (
-        BLOCK_TENSORS * 4 * min(LOSS_BLOCK["cuda" if cuda else "cpu"], tokens * V)
-    )  # fused_loss's block
+    block = BLOCK_TENSORS * 4 * min(LOSS_BLOCK["cuda" if cuda else "cpu"], tokens * V)
     if cuda:
-        block += (0 if fsdp else 2 * V * D) + (2 * V * D if head else 0)
+        block += 0 if fsdp else 2 * V * D
         block += 4 * V * D if fsdp and teacher is not None and gamma else 0
-    backward = head + 4 * tokens * D
+    backward = head + 4 * tokens * D + (2 * V * D if cuda and fsdp and head else 0)
     loss = head + hidden + max(block, backward)
     rows.append(("loss work tensors (lean path), hidden states", loss, "forward"))
     residual = 2 if cuda and fsdp else 4
@@ -1189,7 +1219,11 @@ def parser(description, stages):
     p.add_argument("--plan_gpus", type=int, help="--plan for N GPUs (bf16), without data or GPU")
     p.add_argument("--plan_gib", type=float, help="with --plan_gpus: each GPU's memory, GiB")
     p.add_argument("--ignore_plan", action="store_true", help="run when the plan says it won't fit")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="data loader processes (default: this process's share of the CPUs, less one, <= 8)",
+    )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
     p.add_argument(
         "--group_by_length",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors
 import torch
 import transformers
 
@@ -404,3 +405,43 @@ def test_vision_features_give_the_stock_forward_for_a_clip_default_tower(real):
         ours = llava_kd.llava_logits(model, ids, mask, llava_kd.vision_features(model, pixels))
         stock = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     torch.testing.assert_close(ours, stock)
+
+
+def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float32(ckpts, tmp_path):
+    """The choice, made here on a CPU: nothing without CUDA; with it exactly the frozen Linear and
+    Conv2d weights that bf16 holds exactly (not a trained one, not one bf16 would round, not the
+    head tied to the embeddings). The logits under bf16 autocast are the same; a checkpoint keeps
+    the float32 values and says float32."""
+    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+    llava_kd.apply_stage(model, "pt")  # the projector trains; the LLM and the tower are frozen
+    llm = model.model.language_model
+    with torch.no_grad():  # a bf16 checkpoint's values, but one frozen weight's
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        llm.layers[0].mlp.up_proj.weight.add_(1e-3)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
+    values = {n: p.clone() for n, p in model.named_parameters()}
+    runtime.hold_frozen_in_bf16(model, cuda=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    runtime.hold_frozen_in_bf16(model, cuda=True)
+    held = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    modules = dict(model.named_modules())
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in held
+    assert any(n.startswith("model.vision_tower.") for n in held)
+    for n in held:
+        assert isinstance(modules[n.removesuffix(".weight")], (torch.nn.Linear, torch.nn.Conv2d))
+    assert not any(n.startswith("model.multi_modal_projector.") for n in held)  # trained
+    assert "model.language_model.layers.0.mlp.up_proj.weight" not in held  # bf16 would round it
+    assert model.lm_head.weight.dtype == llm.embed_tokens.weight.dtype == torch.float32  # tied
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
+    assert torch.equal(got, want)
+    runtime.save_checkpoint_files(model, processor, tmp_path / "saved")
+    with safetensors.safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    saved = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert saved.config.dtype == torch.float32
+    for n, p in saved.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, values[n]), n

@@ -374,11 +374,15 @@ class RecordMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.out_dtypes = []  # mm's and addmm's out_dtype
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
             mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2][-2:]
+            if func.overloadpacket is torch.ops.aten.addmm:  # (self, mat1, mat2)
+                mats = [args[1], args[2]]
             self.calls.append(([m.dtype for m in mats], [tuple(m.shape) for m in mats]))
+            self.out_dtypes += [a for a in args if isinstance(a, torch.dtype)]
         return func(*args, **(kwargs or {}))
 
 
@@ -417,3 +421,29 @@ def test_under_bf16_autocast_the_vocabulary_gemms_run_in_bf16_and_the_values_hol
     assert grads[0].dtype == grads[1].dtype == torch.float32
     for a, b in zip(grads, torch.autograd.grad(ref_loss, (h64, w64))):
         torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_cudas_path_runs_on_shapes_alone_with_the_masks_on_the_cpu():
+    """The loop's call on a GPU: the hidden states and heads on the meta device (it takes CUDA's
+    code path, and any read of their values by the host raises: a host sync would), the masks on
+    the CPU. Every vocabulary-sized product is a bf16 GEMM that writes float32; the gradients come
+    back in each input's shape and dtype."""
+    _, _, _, _, labels, visual, attention = batch(Vs=300, Vt=300)
+    B, T = labels.shape
+    meta = dict(device="meta")
+    h_s = torch.empty(B, T, 8, dtype=torch.bfloat16, **meta).requires_grad_()
+    w_s = torch.empty(300, 8, **meta).requires_grad_()
+    h_t = torch.empty(B, T, 12, dtype=torch.bfloat16, **meta)
+    w_t = torch.empty(300, 12, dtype=torch.bfloat16, **meta)
+    m_s, m_t = torch.empty(8, 8, **meta), torch.empty(12, 12, **meta)
+    with RecordMatmuls() as record:
+        args = (h_s, w_s, labels, visual, h_t, w_t, 0.9, 0.7)
+        loss, terms = fused_loss(*args, delta=0.3, attention_mask=attention, m_s=m_s, m_t=m_t)
+        loss.backward()
+    # the GEMMs with a head (the KL's row dot products, bmm, are float32 sums of probabilities)
+    vocab = [d for d, shapes in record.calls if len(shapes[0]) == 2 and 300 in sum(shapes, ())]
+    assert len(vocab) >= 4 and all(d == [torch.bfloat16] * 2 for d in vocab)
+    assert record.out_dtypes and set(record.out_dtypes) == {torch.float32}
+    assert h_s.grad.shape == h_s.shape and h_s.grad.dtype == torch.bfloat16
+    assert w_s.grad.shape == w_s.shape and w_s.grad.dtype == torch.float32
+    assert loss.device.type == "meta" and set(terms) == set(NAMES)

@@ -213,6 +213,7 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         p.numel() for p in t.model.vision_tower.parameters()
     )
     D_t = t.config.text_config.hidden_size
+    D = s.config.text_config.hidden_size
     for cuda, fsdp, world, per_node in [
         (False, False, 1, 1),
         (True, False, 8, 8),
@@ -226,7 +227,7 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         assert got["gradients, float32"] == 4 * trained / shards
         assert got["AdamW moments, float32"] == 8 * trained / shards
         assert got["teacher, frozen (the tower is the student's)"] == (2 if cuda else 4) * frozen
-        assert got["teacher's W_t^T W_t"] == 4 * D_t**2
+        assert got["W^T W of both heads"] == 4 * (D_t**2 + D**2)
         when = {what: w for what, _, w in rows}
         assert when["gradients, float32"] == "held"  # accum 2: kept through the micro-steps
         # the total: held + the larger of forward and step; on CUDA 10% for fragmentation
@@ -238,7 +239,7 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         total = (held + max(peaks)) * (1.1 if cuda else 1.0)
         assert runtime.plan_total(rows, False, cuda) == pytest.approx(total, rel=1e-12)
     no_gram = runtime.memory_plan(s, t, 2, 256, 1, False, False, 0.0)
-    assert dict((w, b) for w, b, _ in no_gram)["teacher's W_t^T W_t"] == 0
+    assert dict((w, b) for w, b, _ in no_gram)["W^T W of both heads"] == 0
 
 
 def test_the_converter_pads_an_untied_head_as_it_pads_the_embeddings(toy, tmp_path, monkeypatch):
@@ -480,3 +481,14 @@ def test_grouped_micro_batches_resume_exactly_across_an_epoch(toy, ckpts, tmp_pa
         )
     )
     assert changed(weights(tmp_path / "whole"), weights(shuffled))  # grouping changes the order
+
+
+def test_loader_workers_are_the_process_share_of_its_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert runtime.loader_workers(None) == 7  # 64 CPUs over 8 processes, less the process's own
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.loader_workers(None) == 8  # at most 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert runtime.loader_workers(None) == 0  # one CPU: the process loads its own batches
+    assert runtime.loader_workers(3) == 3  # --workers

@@ -831,3 +831,33 @@ def test_resume_maps_the_train_state_instead_of_reading_it(toy, ckpts, tmp_path)
     state = runtime.read_train_state(path)
     assert state["step"] == 1 and state["optimizer"]["state"]
     assert path in open("/proc/self/maps").read()
+
+
+def test_the_student_makes_its_heads_gram_once_an_optimizer_step(toy, ckpts, monkeypatch):
+    """W_s^T W_s is made at a step's first micro-step and reused for the rest of the step; a
+    trained head's again at the next step, so that L_rel is that of the head as it is then; a
+    frozen head's (dpt) once a run."""
+    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+    teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
+    teacher.eval().requires_grad_(False)
+    made = []
+    head_gram = llava_kd.head_gram
+    monkeypatch.setattr(llava_kd, "head_gram", lambda w: made.append(1) or head_gram(w))
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
+    )
+    b = data.collate([ds[i] for i in range(2)], processor.tokenizer.pad_token_id)
+    for stage, want in (("dft", [1, 0, 1, 0]), ("dpt", [1, 0, 0, 0])):
+        llava_kd.apply_stage(model, stage)
+        student = llava_kd.Student(model, llava_kd.teacher_gram(teacher, model))
+        calls = []
+        for step in (0, 0, 1, 1):
+            if step == 1 and stage == "dft":
+                with torch.no_grad():  # the optimizer's step
+                    model.lm_head.weight.mul_(1.5)
+            made.clear()
+            _, terms = llava_kd.stage_loss(student, model, teacher, b, step=step)
+            calls.append(len(made))
+            fresh = llava_kd.stage_loss(llava_kd.Student(model, student.m_t), model, teacher, b)
+            torch.testing.assert_close(terms["L_rel"], fresh[1]["L_rel"])
+        assert calls == want, stage
