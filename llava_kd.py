@@ -301,8 +301,7 @@ def matmul(x, y, dtype, out=None):
 
 
 def to_device(x, device):
-    """A small tensor (of the masks' rows) to h's device: from the CPU to CUDA a pinned copy, which
-    the host does not wait for."""
+    """A small tensor to h's device; from the CPU to CUDA a pinned copy (the host does not wait)."""
     pinned = x.pin_memory() if device.type == "cuda" and x.device.type == "cpu" else x
     return pinned.to(device, non_blocking=True)
 
@@ -531,8 +530,7 @@ class Student(torch.nn.Module):
 
 
 def teacher_gram(teacher, model):
-    """M_t = W_t^T W_t over the vocabulary the two heads share: fixed for the run, so the teacher's
-    side of L_rel costs [K, D] x [D, D] products a step instead of the vocabulary."""
+    """M_t = W_t^T W_t on the shared vocabulary, fixed for the run: L_rel's teacher side, [D, D]."""
     v = min(len(teacher.lm_head.weight), len(model.lm_head.weight))
     return head_gram(teacher.lm_head.weight[:v].detach())
 
@@ -550,9 +548,8 @@ def stage_loss(
     device = model.lm_head.weight.device
     b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     visual = batch["input_ids"] == model.config.image_token_id
-    cpu = types.SimpleNamespace(
-        labels=batch["labels"], attention_mask=batch["attention_mask"], visual_mask=visual
-    )
+    masks = dict(labels=batch["labels"], attention_mask=batch["attention_mask"])
+    cpu = types.SimpleNamespace(**masks, visual_mask=visual)
     with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
         z_v = None
         if b["pixel_values"] is not None:
@@ -587,13 +584,8 @@ def global_counts(micro, image_id, device, ddp, world):
             continue
         visual = b["input_ids"] == image_id
         labels, attention = b["labels"], b["attention_mask"]
-        kinds = (
-            response_rows(labels),
-            visual,
-            visual.any(1),
-            prompt_rows(labels, visual, attention),
-            attention,
-        )
+        kinds = [response_rows(labels), visual, visual.any(1)]
+        kinds += [prompt_rows(labels, visual, attention), attention]
         rows.append([int(m.sum()) for m in kinds] + [0])
     count = torch.tensor(rows, dtype=torch.float64).sum(0).to(device)
     if ddp:
@@ -754,8 +746,7 @@ def forward_backward(a, r, micro, counts, ddp, device, step):
         with sync, autocast:
             loss, terms = stage_loss(r.student, r.model, r.teacher, b, weights, counts, step)
         loss.backward()
-        zero = torch.zeros((), device=device)
-        values = [loss.detach()] + [terms.get(k, zero).to(device) for k in TERMS]
+        values = [loss.detach()] + [terms.get(k, torch.zeros_like(loss)) for k in TERMS]
         logged[:6] += torch.stack(values).double()
     return logged
 
