@@ -255,11 +255,8 @@ def lean_block(h, w, target, a, b, h_t=None, w_t=None):
     minus_q = p_t.mul_(-b) if h_t is not None else torch.zeros_like(log_p_s)
     minus_q.scatter_add_(1, target[:, None].clamp_min(0), -a)  # a = 0 where y = -100
     G = torch.empty(minus_q.shape, dtype=w.dtype, device=w.device)
-    return (
-        nll,
-        kl,
-        torch.addcmul(minus_q, log_p_s.exp_(), c, out=G),
-    )  # G = c phi_s - q, rounded once
+    torch.addcmul(minus_q, log_p_s.exp_(), c, out=G)  # G = c phi_s - q, rounded once
+    return nll, kl, G
 
 
 def lean_relation(H_s, H_t, m_s, m_t, K, scale):
