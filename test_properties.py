@@ -386,15 +386,23 @@ def test_the_toy_recipe_chains_its_stages(tmp_path):
 
 
 def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free():
+    """A product's inputs and output, its FLOPs by its operands' dtype; a view and an allocation
+    move nothing; an out= tensor is written once, not read."""
     import bench_loss_traffic
 
     a, b = torch.randn(4, 3), torch.randn(3, 5)
     counter = bench_loss_traffic.Traffic(bench_loss_traffic.GPUS["h100"])
     with counter:
         (a @ b).t()  # a view after the product
-    assert dict(counter.ops) == {
-        "mm": [1, (12 + 15 + 20) * 4, 2 * 4 * 3 * 5, pytest.approx(max(120 / 67e12, 188 / 2.9e12))]
-    }
+        out = torch.empty(4, 5)  # an allocation
+        torch.mm(a, b, out=out)
+    mm = [
+        2,
+        2 * (12 + 15 + 20) * 4,
+        2 * 2 * 4 * 3 * 5,
+        pytest.approx(2 * max(120 / 67e12, 188 / 2.9e12)),
+    ]
+    assert dict(counter.ops) == {"mm": mm, "empty": [1, 0, 0, 0.0]}
 
 
 def test_attn_implementation_reaches_both_models_and_ends_with_the_run(
