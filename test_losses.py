@@ -101,8 +101,8 @@ TOL = {
 @pytest.mark.parametrize("D_s", [8, 16])
 def test_fused_loss_equals_the_equations(dtype, Vs, Vt, block_rows, D_s):
     """Values of every term and the gradients of h_s and W_s; blocks of 1 or 3 rows run the
-    multi-block path (and the teacher's R_t over several vocabulary chunks). The batch has 11 visual
-    rows, more and fewer than the student's width D_s."""
+    multi-block path (no m_t given: fused_loss makes M_t). The batch has 11 visual rows, more and
+    fewer than the student's width D_s."""
     h_s, w_s, h_t, w_t, labels, visual, attention = batch(Vs=Vs, Vt=Vt, D_s=D_s, dtype=dtype)
     weights = (0.9, 0.7, 0.5, 0.3)  # alpha, beta, gamma, delta: all distinct
     block = {"block": block_rows * Vs} if block_rows else {}
