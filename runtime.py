@@ -628,7 +628,7 @@ def micro_batches(a, r, rank, world, step):
             collate_fn=collate,
             num_workers=loader_workers(a.workers),
             worker_init_fn=ignore_signals,
-            pin_memory=torch.cuda.is_available() and not a.cpu,  # copied without the host waiting
+            pin_memory=r.model.device.type == "cuda",  # copied without the host waiting
         )
         yield from loader_batches(loader)
         step = (epoch + 1) * r.steps_per_epoch
