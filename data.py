@@ -5,6 +5,7 @@ A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "huma
 human turn.
 """
 
+import hashlib
 import json
 import os
 
@@ -51,12 +52,17 @@ def read_samples(json_path, image_folder, rank=0, world=1):
         try:
             rows = json.loads(text)
         except ValueError:
-            if text.lstrip().startswith("["):  # a list with an error in it: say where
-                raise
+            if text.lstrip().startswith(("[", "{")) and "\n{" not in text.strip():  # one value
+                raise  # with an error in it: say where
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
-        assert isinstance(rows, list)
-    except (OSError, ValueError, AssertionError) as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
+    if not isinstance(rows, list):
+        found = f"an object with keys {list(rows)[:8]}" if isinstance(rows, dict) else repr(rows)
+        raise DataError(
+            f'{json_path}: {found[:200]}, where a JSON list of samples belongs ([{{"id", '
+            f'"image", "conversations"}}, ...]; or JSON Lines, one sample a line)'
+        )
     samples, problems, moved = [], [], [0]
     for i, row in enumerate(rows):
         try:
@@ -76,6 +82,12 @@ def read_samples(json_path, image_folder, rank=0, world=1):
             f"{json_path}: put <image> at the start of the first human turn in {moved[0]} sample(s)"
         )
     return samples
+
+
+def file_sha256(path):
+    """What a data file holds, whatever its path: a checkpoint is continued on the same samples."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check(row, i, image_folder, moved, open_image):

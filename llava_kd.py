@@ -406,9 +406,10 @@ def load_llava(path, dtype=None):
 
 
 def load_teacher(path, student, s_proc, dtype=None, new_student=False):
-    """The teacher: frozen, in eval mode, checked against the student, whose vision tower becomes
-    the teacher's (one copy in memory: the paper shares the visual encoder). Both read the same
-    token ids, so the teacher reads the student's chat format: a new student takes the teacher's."""
+    """The teacher: frozen, in eval mode, checked against the student. The two share one vision
+    tower where they can (runtime.share_tower; the paper shares the visual encoder). Both read the
+    same token ids, so the teacher reads the student's chat format: a new student takes the
+    teacher's."""
     teacher, t_proc = load_llava(path, dtype)
     teacher.eval().requires_grad_(False)
     runtime.check_compatible(teacher, t_proc, student, s_proc)
@@ -420,7 +421,7 @@ def load_teacher(path, student, s_proc, dtype=None, new_student=False):
         # the student trains beside it and saves it
         tower = runtime.tower_from_llava(path, teacher.config).eval().requires_grad_(False)
         teacher.model.vision_tower = tower
-    student.model.vision_tower = teacher.model.vision_tower
+    runtime.share_tower(student, teacher, path, new_student)
     return teacher
 
 
@@ -553,7 +554,12 @@ def stage_loss(
             z_v = vision_features(model, b["pixel_values"])
         h_t = w_t = None
         if teacher is not None:
-            h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v)
+            z_t = (
+                z_v  # a student that kept its own tower: the teacher reads the images with its own
+            )
+            if z_v is not None and teacher.model.vision_tower is not model.model.vision_tower:
+                z_t = vision_features(teacher, b["pixel_values"])
+            h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_t)
             w_t = teacher.lm_head.weight
     ids, mask = b["input_ids"], b["attention_mask"]
     loss, terms = student(ids, mask, z_v, cpu, h_t, w_t, weights, counts, step)
@@ -599,7 +605,8 @@ def check(a, device, world, rank):
     stage = STAGES[a.stage]
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
-    if a.auto_resume and not a.plan and runtime.continue_out(a, rank == 0):
+    digest = None if a.plan_gpus else data.file_sha256(a.data)
+    if a.auto_resume and not a.plan and runtime.continue_out(a, rank == 0, digest):
         return None  # finished before: nothing to do
     samples = [] if a.plan_gpus else data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch and not a.plan_gpus:
@@ -615,22 +622,24 @@ def check(a, device, world, rank):
     student = runtime.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
+    if teacher is not None and source is None:
+        runtime.check_tower_shape(student, teacher, a.vision, a.teacher)
     runtime.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
     if a.plan:
         return None
     state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     if a.resume:  # the same flags as the checkpoint's, but those that may change
-        runtime.check_resume(a, state["args"])
+        runtime.check_resume(a, state["args"], digest)
     chat = stage["chat"]  # every answer's length, with the processor alone
     left_out = runtime.check_lengths(source, a, chat, samples, rank, world) if source else []
-    return global_batch, samples, state, source, left_out
+    return global_batch, samples, state, source, left_out, digest
 
 
 def load(a, checked, cuda, world, rank):
     """The models and the data set that check read the way to: (model, processor, teacher, data
     set, the indices of the samples that --drop_too_long leaves out on this process)."""
     stage = STAGES[a.stage]
-    _, samples, _, source, left_out = checked
+    _, samples, _, source, left_out, _ = checked
     runtime.ATTENTION = a.attn_implementation  # of the student and the teacher alike
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
@@ -661,7 +670,7 @@ def wire(a, ddp, cuda, device, rank, world):
     runtime.print_notes(rank == 0)
     if checked is None:  # --plan printed, or the stage had finished
         return None
-    global_batch, _, state, _, _ = checked
+    global_batch, _, state, _, _, digest = checked
     model, processor, teacher, ds, left_out = runtime.agreed(load, a, checked, cuda, world, rank)
     runtime.print_notes(rank == 0)
     if a.drop_too_long:
@@ -687,6 +696,7 @@ def wire(a, ddp, cuda, device, rank, world):
         ids = [device.index] if cuda else None
         student = DDP(student, device_ids=ids, gradient_as_bucket_view=True)
     params = [p for p in model.parameters() if p.requires_grad]
+    names = ["llava." + n for n, p in model.named_parameters() if p.requires_grad]  # Student's
     table = TABLE_A9[a.stage]
     lr = table["lr"] if a.lr is None else a.lr
     # fused on CUDA: one kernel, without the foreach step's full-size temporaries (not under FSDP:
@@ -702,7 +712,7 @@ def wire(a, ddp, cuda, device, rank, world):
                 f"--resume: the checkpoint in {a.out} was written for {state['total']} steps of "
                 f"{state['global_batch']}, not {total} of {global_batch}: another data size"
             )
-        runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp)
+        runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp, names)
         step = state["step"]
     return types.SimpleNamespace(
         model=model,
@@ -710,6 +720,7 @@ def wire(a, ddp, cuda, device, rank, world):
         teacher=teacher,
         student=student,
         params=params,
+        names=names,
         opt=opt,
         ds=ds,
         table=table,
@@ -720,6 +731,7 @@ def wire(a, ddp, cuda, device, rank, world):
         total=total,
         end=total if a.max_steps is None else min(total, a.max_steps),  # the schedule: total's
         step=step,
+        args=dict(vars(a), data_sha256=digest),  # what a checkpoint and done.json record
     )
 
 
@@ -749,6 +761,8 @@ def forward_backward(a, r, micro, counts, ddp, device, step):
 
 
 def train(a):
+    ckpt = os.path.join(a.out, "checkpoint")
+    preemption = runtime.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
     ddp, cuda, device, rank, world = runtime.start(a)
     master = rank == 0
     r = wire(a, ddp, cuda, device, rank, world)
@@ -756,19 +770,18 @@ def train(a):
         if ddp:
             dist.destroy_process_group()
         return
-    ckpt = os.path.join(a.out, "checkpoint")
-    log = runtime.open_log(a.out, r.step if a.resume or a.auto_resume else None) if master else None
+    log = runtime.open_log(a.out, r.step) if master else None
     if master:
         print(
             f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
             f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
             f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
-    preemption = runtime.Preemption()  # SIGTERM & co: a checkpoint after the current step
     batches = runtime.micro_batches(a, r, rank, world, r.step)
     bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
+        preemption.step_begins()
         for group in r.opt.param_groups:
             group["lr"] = lr_at(step, r.total, r.lr, r.table["warmup_ratio"])
         micro = runtime.take(batches, r.accum)
@@ -792,6 +805,7 @@ def train(a):
                 f"saving, the last good checkpoint is in {ckpt}"
             )
         stopping = host[6] > 0 and step + 1 < r.end
+        preemption.step_ended(time.time() - t0)
         grad_norm = torch.nn.utils.clip_grad_norm_(r.params, r.table["clip"])  # logged unclipped
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -825,7 +839,7 @@ def train(a):
                 f"the same command and --resume (train.sh: the same command)"
             )
     if master:
-        runtime.publish(a.out, vars(a), r.end, finished=r.end == r.total)
+        runtime.publish(a.out, r.args, r.end, finished=r.end == r.total)
         print(f"stage {a.stage}: done at step {r.end}; model in {a.out}")
     if ddp:
         dist.destroy_process_group()
@@ -839,6 +853,15 @@ def main(argv=None):
         train(a)
     except data.UserError as e:  # the user's to fix: the message alone, exit 1
         runtime.stop(e)
+    except OSError as e:  # a full disk while the log or the output is written
+        if not runtime.full_disk(e, a.out):
+            raise
+        runtime.stop(
+            data.UserError(
+                f"no space left on the device of {a.out} ({e.filename}); the last complete "
+                f"checkpoint is kept: make space, then run the same command"
+            )
+        )
     finally:
         runtime.cleanup()  # the signal handlers and --out's lock
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -227,20 +228,26 @@ NUMERIC_FLAGS = dict(
     gamma=0,
     delta=0,
 )
-# What --resume may change: everything else must be what the checkpoint was written with
-# (not --fsdp: its AdamW state is saved keyed otherwise)
+# What --resume may change: everything else must be what the checkpoint was written with. A
+# checkpoint holds the whole state (AdamW's by parameter name), so DDP and FSDP2 continue each
+# other's; --data is compared by what the file holds (data_sha256), not where it is.
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out", "auto_resume"}
-MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation"}
+MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out", "auto_resume", "fsdp"}
+MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation", "data"}
 
 
-def check_resume(a, saved, what=None):
+def check_resume(a, saved, digest, what=None):
     """--resume with the flags the checkpoint (or the finished stage) was written with (but
-    MAY_CHANGE)."""
+    MAY_CHANGE), on the same data."""
+    what = what or f"--resume: the checkpoint in {a.out}"
+    if saved.get("data_sha256", digest) != digest:
+        raise data.UserError(
+            f"{what} was written on other data: --data {a.data} is not the file it trained on "
+            f"({saved['data']}); continue on that file's samples, or give a new --out"
+        )
     differ = [k for k, v in vars(a).items() if k not in MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
         was = ", ".join(f"--{k} {saved[k]} (now {getattr(a, k)})" for k in differ)
-        what = what or f"--resume: the checkpoint in {a.out}"
         raise data.UserError(
             f"{what} was written with {was}; continue with the same flags (these may change: "
             f"{', '.join('--' + k for k in sorted(MAY_CHANGE))}), or give a new --out"
@@ -343,6 +350,47 @@ def tower_from_llava(path, cfg):
     return tower
 
 
+# What makes two vision towers one shape (their configs)
+TOWER_SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers")
+TOWER_SHAPE += ("num_attention_heads", "image_size", "patch_size", "num_channels")
+
+
+def check_tower_shape(student, teacher, vision, teacher_path):
+    """Before any weight loads (meta models): a new student's tower (--vision) has the shape of the
+    teacher's, which it takes (share_tower): its new projector is made for that width."""
+    s, t = student.config.vision_config, teacher.config.vision_config
+    differ = [k for k in TOWER_SHAPE if getattr(s, k, None) != getattr(t, k, None)]
+    if differ:
+        what = ", ".join(
+            f"{k} {getattr(s, k, None)} (teacher {getattr(t, k, None)})" for k in differ
+        )
+        raise data.UserError(
+            f"--teacher {teacher_path}: its vision tower is not the shape of --vision {vision}'s: "
+            f"{what}; a new student takes the teacher's tower: --vision {teacher_path}"
+        )
+
+
+def share_tower(student, teacher, teacher_path, new_student):
+    """One vision tower for both where it can be (one copy in memory, one forward a batch: the
+    paper's shared visual encoder): the teacher's, when it has the student's weights (equal in bf16:
+    a tower stored in another precision is the same tower), or for a new student, whose projector
+    has learnt nothing yet. An existing student with another tower keeps it, since its projector
+    learnt on it: then each model reads the images with its own. Either change is said in a note."""
+    s = student.model.vision_tower.state_dict()
+    t = teacher.model.vision_tower.state_dict()
+    differ = [k for k in t if not torch.equal(s[k].bfloat16(), t[k].bfloat16())]
+    tensors = f"{len(differ)} of {len(t)} tensors differ from the teacher's ({teacher_path})"
+    if differ and not new_student:
+        data.note(
+            f"note: the student keeps its own vision tower ({tensors}; its projector learnt on "
+            f"it): each model reads the images with its own tower, a second forward a batch"
+        )
+        return
+    if differ:
+        data.note(f"note: the new student takes the teacher's vision tower ({tensors} in --vision)")
+    student.model.vision_tower = teacher.model.vision_tower
+
+
 def check_compatible(teacher, t_proc, student, s_proc):
     """Distillation compares the two models token by token: same token ids, same image token, same
     number of visual tokens an image. Stops with a clear message otherwise."""
@@ -365,6 +413,13 @@ def check_compatible(teacher, t_proc, student, s_proc):
         problems.append(
             f"image token ids differ: teacher {teacher.config.image_token_id}, "
             f"student {student.config.image_token_id}"
+        )
+    features = ("vision_feature_layer", "vision_feature_select_strategy")
+    t_features, s_features = ([getattr(m.config, k) for k in features] for m in (teacher, student))
+    if t_features != s_features:
+        problems.append(
+            f"the visual features differ (layer, selection): teacher {t_features}, student "
+            f"{s_features}; the two share one tower's"
         )
     nt, ns = data.image_seq_length(t_proc), data.image_seq_length(s_proc)
     if nt != ns:
@@ -401,12 +456,30 @@ COMPLETE = "complete.json"  # written last: {"step": n, "files": {name: bytes}}
 DONE = "done.json"  # the stage's output is published (publish writes it last): {"step", "args"}
 
 
+def read_marker(path, keys):
+    """A marker file's JSON object with these keys, or one line naming the file: a stop (or a full
+    disk) while it was written, or a copy cut short."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except ValueError as e:
+        value = e
+    if isinstance(value, dict) and set(keys) <= set(value):
+        return value
+    found = f"not JSON: {value}" if isinstance(value, ValueError) else f"holds {str(value)[:60]}"
+    raise data.UserError(f"{path}: cut short or damaged ({found}); expected keys {', '.join(keys)}")
+
+
 def checkpoint_problem(path):
     """None for a complete checkpoint directory; else what is wrong with it."""
     marker = os.path.join(path, COMPLETE)
     if not os.path.isfile(marker):
         return "its save did not finish"
-    for name, size in json.load(open(marker))["files"].items():
+    try:
+        files = read_marker(marker, ("step", "files"))["files"]
+    except data.UserError as e:
+        return str(e)
+    for name, size in files.items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{file} is missing"
@@ -425,7 +498,7 @@ def newest_checkpoint(out):
         if problem:
             problems.append(f"{path}: {problem}")
         elif os.path.isdir(path):
-            found.append((json.load(open(os.path.join(path, COMPLETE)))["step"], path))
+            found.append((read_marker(os.path.join(path, COMPLETE), ("step",))["step"], path))
     return max(found)[1] if found else None, problems
 
 
@@ -441,16 +514,23 @@ def find_checkpoint(out):
     )
 
 
-def continue_out(a, master):
+def continue_out(a, master, digest):
     """--auto_resume (train.sh): what --out holds decides. The stage finished there with these
-    flags: True, skip it. A complete checkpoint: resume it. Nothing: start (dropping what a crash
-    before the first checkpoint left). Another setting than the one it was started with: refused."""
+    flags: True, skip it. A complete checkpoint: resume it (a damaged done.json: published again).
+    Nothing: start (dropping what a crash before the first checkpoint left). Another setting than
+    the one it was started with: refused."""
     path = os.path.join(a.out, DONE)
     resumable = newest_checkpoint(a.out)[0] is not None
     if os.path.isfile(path):
-        done = json.load(open(path))
-        check_resume(a, done["args"], f"{path}: the stage finished in {a.out}")
-        if done["args"].get("max_steps") == a.max_steps:
+        try:
+            done = read_marker(path, ("step", "args"))
+        except data.UserError as e:
+            if not resumable:
+                raise data.UserError(f"{e}: delete {a.out} to run the stage again") from None
+            done = None  # published again from the checkpoint
+        if done is not None:
+            check_resume(a, done["args"], digest, f"{path}: the stage finished in {a.out}")
+        if done is not None and done["args"].get("max_steps") == a.max_steps:
             if master:
                 print(f"stage {a.stage}: finished in {a.out} (step {done['step']}): skipped")
             return True
@@ -465,7 +545,8 @@ def continue_out(a, master):
 
 def claim_out(a, master):
     """--out belongs to this run: two runs do not write at once (a lock: host and pid, removed at
-    exit), and a new run does not write over another's model, checkpoint or log."""
+    exit), and a new run does not write over another's model or checkpoint. A log or a torn
+    checkpoint of a run that stopped before its first checkpoint holds nothing: started again."""
     if master:
         path = os.path.join(a.out, "run.lock")
         me = f"{socket.gethostname()} {os.getpid()}"
@@ -491,9 +572,8 @@ def claim_out(a, master):
         _cleanups.append(lambda: release_out(path, me))
     names = ("config.json", "log.jsonl", *CHECKPOINTS)
     held = [n for n in names if os.path.exists(os.path.join(a.out, n))]
-    if a.auto_resume:  # a log or a torn checkpoint of a run that never saved: started again
-        held = [n for n in held if n == "config.json"]
-    if held and not a.resume:
+    work = "config.json" in held or newest_checkpoint(a.out)[0] is not None
+    if work and not a.resume:
         raise data.UserError(
             f"--out {a.out} holds another run ({', '.join(held)}): continue it with --resume, or "
             f"give a new --out (or delete that one)"
@@ -521,14 +601,24 @@ class Preemption:
     """SIGTERM (schedulers before a kill), SIGUSR1, SIGINT, SIGHUP (a dropped ssh session), SIGQUIT:
     the first asks the loop to stop after the current optimizer step, with a checkpoint. One request
     often arrives twice (SLURM signals every process, and torchrun forwards the same signal a moment
-    later): another signal within REPEAT seconds is that request; a later one stops at once."""
+    later): another signal within REPEAT seconds is that request; a later one stops at once. A step
+    that has not ended WAIT seconds (or 3 of the slowest step's) after the request ends the process
+    without saving: a process stuck in a collective with a dead peer (NCCL waits for minutes) must
+    not wait out the launcher's shutdown timeout. Before the first step, a request ends the run at
+    once: there is nothing to save."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     REPEAT = 60
+    WAIT = 120
 
-    def __init__(self):
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
         self.received = None
         self.at = None
+        self.stepping = False  # the loop has begun its first step
+        self.in_step = False
+        self.slowest = 0.0
+        self.watch = None
         self.before = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         _cleanups.append(self.restore)
 
@@ -541,14 +631,54 @@ class Preemption:
             return
         self.received = signal.Signals(signum).name
         self.at = time.monotonic()
+        if not self.stepping:
+            raise data.UserError(
+                f"stopped by {self.received} before the first step: nothing to save; run the "
+                f"same command again to go on"
+            )
         print(
             f"{self.received}: stopping after this step, with a checkpoint (a signal again after "
             f"{self.REPEAT} s: at once)",
             file=sys.stderr,
             flush=True,
         )
+        if self.in_step:
+            self.start_watch()
+
+    def start_watch(self):
+        bound = max(self.WAIT, 3 * self.slowest)
+        self.watch = threading.Timer(bound, self.expire, (bound,))
+        self.watch.daemon = True
+        self.watch.start()
+
+    def step_begins(self):
+        """The loop, as a step begins: a request that came during a save is watched from here."""
+        self.stepping = self.in_step = True
+        if self.received is not None and self.watch is None:
+            self.start_watch()
+
+    def step_ended(self, seconds):
+        """The loop, once a step's collectives are done: a save is not watched (a 4B model's
+        takes minutes); one stuck in a collective is ended by the process group's timeout."""
+        self.in_step = False
+        self.slowest = max(self.slowest, seconds)
+        if self.watch is not None:
+            self.watch.cancel()
+
+    def expire(self, bound):
+        print(
+            f"error: stopped by {self.received}, and the step did not end within {bound:.0f} s "
+            f"(a process that died, or a collective that does not end): stopped without saving; "
+            f"the last checkpoint in {self.checkpoint} stands: run the same command again",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
 
     def restore(self):
+        if self.watch is not None:
+            self.watch.cancel()
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
@@ -728,6 +858,15 @@ def save_checkpoint_files(model, processor, out, state_dict=None):
     processor.save_pretrained(out)
 
 
+def full_disk(error, path):
+    """Whether a write failed for want of space: ENOSPC, as an OSError or in the message of the
+    error of a library that writes on its own (torch.save, safetensors: "os error 28")."""
+    enospc = getattr(error, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(
+        error
+    )
+    return enospc or shutil.disk_usage(path).free < 2**26
+
+
 def save_checkpoint(model, processor, state, out, state_dict=None):
     """out/checkpoint/: model + processor (stock from_pretrained loads it) + train_state.pt for
     --resume, and complete.json last (each file's size). Written beside it and renamed into place:
@@ -740,10 +879,9 @@ def save_checkpoint(model, processor, state, out, state_dict=None):
         sizes = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             json.dump(dict(step=state["step"], files=sizes), f)
-    except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError
-        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(out).free < 2**26
+    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        if not full:
+        if not full_disk(e, out):
             raise
         raise data.UserError(
             f"no space left on the device of {out} while writing the checkpoint of step "
@@ -808,14 +946,25 @@ def save(a, r, master, done):
         total=r.total,
         global_batch=r.global_batch,
         seed=a.seed,
-        optimizer=opt_state if a.fsdp else r.opt.state_dict(),
-        args=vars(a),
+        optimizer=opt_state if a.fsdp else rekeyed(r.opt.state_dict(), dict(enumerate(r.names))),
+        args=r.args,
     )
     what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
     on_rank0(master, what, save_checkpoint, r.model, r.processor, state, a.out, full_weights)
 
 
-def load_optimizer(student, opt, state, fsdp):
+def rekeyed(opt_state, key):
+    """AdamW's state with each parameter's key k replaced by key[k] (position <-> name)."""
+    state = {key.get(k, k): v for k, v in opt_state["state"].items()}
+    groups = [
+        dict(g, params=[key.get(k, k) for k in g["params"]]) for g in opt_state["param_groups"]
+    ]
+    return dict(state=state, param_groups=groups)
+
+
+def load_optimizer(student, opt, state, fsdp, names):
+    """AdamW's state as saved (by name) into this run's optimizer, DDP's (by position) or FSDP2's
+    (by name, sharded as it loads)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -825,15 +974,16 @@ def load_optimizer(student, opt, state, fsdp):
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(student, opt, state, options=options)
     else:
-        opt.load_state_dict(state)
+        opt.load_state_dict(rekeyed(state, {n: i for i, n in enumerate(names)}))
 
 
-def open_log(out, resume_step=None):
-    """out/log.jsonl, appended to. On resume, the lines a crash logged after the checkpoint's step
-    are dropped, so each step is in the log once, and so is a line that a crash cut short."""
+def open_log(out, start_step):
+    """out/log.jsonl, appended to. The lines a crash logged after the step this run starts at are
+    dropped (every line, for a run that starts at 0), so each step is in the log once, and so is a
+    line that a crash cut short."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "log.jsonl")
-    if resume_step is not None and os.path.exists(path):
+    if os.path.exists(path):
         kept, torn = [], 0
         for line in open(path):
             try:
@@ -841,7 +991,7 @@ def open_log(out, resume_step=None):
             except (ValueError, KeyError, TypeError):
                 torn += 1
                 continue
-            if step <= resume_step:
+            if step <= start_step:
                 kept.append(line.rstrip("\n") + "\n")
         if torn:
             print(f"note: {path}: dropped {torn} line(s) cut short by a crash")

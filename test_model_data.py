@@ -272,11 +272,20 @@ def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
 
 def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
     _, proc = student(toy)
-    (tmp_path / "obj.json").write_text(json.dumps({"id": "x", "conversations": []}))
-    with pytest.raises(
-        DataError, match=f"^{tmp_path}/obj.json: not a readable LLaVA JSON list of samples"
-    ):
-        LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=200)
+    # what was found and what belongs there, for each kind of JSON value that is not a list
+    for value, found in [
+        ({"id": "x", "conversations": []}, "an object with keys ['id', 'conversations']"),
+        ({"train": [1, 2]}, "an object with keys ['train']"),
+        ("samples", "'samples'"),
+        (3, "3"),
+    ]:
+        (tmp_path / "obj.json").write_text(json.dumps(value))
+        with pytest.raises(DataError) as e:
+            LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=9)
+        assert str(e.value) == (
+            f"{tmp_path}/obj.json: {found}, where a JSON list of samples belongs ([{{\"id\", "
+            f"\"image\", \"conversations\"}}, ...]; or JSON Lines, one sample a line)"
+        )
     rows = [{"id": f"b{i}", "conversations": []} for i in range(25)]
     with pytest.raises(DataError) as e:
         LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)

@@ -84,8 +84,10 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
 
 
 def signalled_thrice(argv):
-    p = runtime.Preemption()
+    p = runtime.Preemption("checkpoint")
     p.REPEAT = 1.0
+    p.step_begins()
+    p.step_ended(0.0)  # between steps (a save): no step is watched
     os.kill(os.getpid(), signal.SIGTERM)
     print("noted", p.received)
     os.kill(os.getpid(), signal.SIGUSR1)  # within REPEAT of the first: the same request

@@ -739,7 +739,7 @@ def test_a_crash_while_saving_keeps_the_last_checkpoint(toy, ckpts, tmp_path, mo
     def failing(obj, f, *args, **kwargs):
         saves.append(f)
         if len(saves) == 2:
-            raise OSError("No space left on device")
+            raise OSError(5, "Input/output error")  # not a full disk: raised as it is
         return save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", failing)

@@ -35,6 +35,21 @@ else
   NODES="--standalone"
 fi
 FSDP=${FSDP:-auto}; WORLD=$(( NGPU * ${NNODES:-1} ))
+if [ -n "${INIT:-}${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
+  OUT=${OUT:-runs/real}
+else
+  OUT=${OUT:-runs/toy}
+fi
+# One recipe an OUT: a second one is refused at once (the lock ends with the last process holding it)
+mkdir -p "$OUT/logs"; exec 9>>"$OUT/train.lock"
+if flock -n -E 75 9; then
+  echo $$ > "$OUT/train.lock"
+elif [ $? = 75 ]; then
+  echo "error: $OUT is in use by another train.sh (pid $(cat "$OUT/train.lock")): wait for it, or give another OUT" >&2
+  exit 1
+else
+  echo "note: $OUT: its filesystem has no file locks, so a second recipe on it is not refused" >&2
+fi
 stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   # torchrun forwards SIGUSR1 too, and waits 15 min (not 30 s) for the workers to checkpoint and exit;
   # runtime.py is torchrun without its traceback when a stage fails
@@ -73,7 +88,7 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
 if [ -n "${INIT:-}" ]; then
   # ---- DFT only: an existing small LLaVA distilled from a larger one of the same tokenizer ----
   : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---group_by_length}
+  EXTRA=${EXTRA---group_by_length}
   stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
     --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
   echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
@@ -84,7 +99,7 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   # ---- the real recipe (Table A9 defaults: lr, global batch, one epoch, AdamW, cosine, 3% warmup) ----
   : "${VISION:?set VISION}" "${STUDENT_LLM:?set STUDENT_LLM}" "${PT_DATA:?set PT_DATA}" "${PT_IMAGES:?set PT_IMAGES}"
   : "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
-  OUT=${OUT:-runs/real}; EXTRA=${EXTRA---group_by_length}; B="--batch_size ${BATCH:-8} $EXTRA"
+  EXTRA=${EXTRA---group_by_length}; B="--batch_size ${BATCH:-8} $EXTRA"
   PT="--data $PT_DATA --images $PT_IMAGES $B"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B"
   if [ -z "${TEACHER:-}" ]; then  # the teacher: PT -> SFT, as LLaVA-1.5 / TinyLLaVA train it
     : "${TEACHER_LLM:?set TEACHER_LLM or TEACHER}"
@@ -100,7 +115,7 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
 fi
 
 # ---- the toy recipe: tiny models and a synthetic image-QA set written here, offline, on a CPU ----
-EXTRA=${EXTRA:-}; OUT=${OUT:-runs/toy}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
+EXTRA=${EXTRA:-}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
 TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-3}; TOY_TEACHER_EPOCHS=${TOY_TEACHER_EPOCHS:-3}
 # sft/dft: global batch 8 (450 steps): at 32 (111 steps, lr 2e-3) the students stayed at the question-only prior
 # the teacher at 5e-4: at 2e-3 its SFT forgot the captions that DPT distils (its mix also keeps some captions)
@@ -111,8 +126,7 @@ PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
 EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)  # run again, it goes on where it stopped (delete $OUT to start over)
-mkdir -p "$OUT/logs"
-$PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}  # data, a trained vision tower, text-pretrained LLMs
+setup() { $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}; }  # data, a trained vision tower, text-pretrained LLMs
 
 teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
   stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
@@ -148,23 +162,45 @@ evaluate() {  # the question-only prior and the teacher, or one seed's five stud
 # Every process trains on one thread (OMP_NUM_THREADS=1, torchrun's default), so independent chains run side by side:
 # first the teacher and each seed's baseline; once the teacher is there, each seed's distilled stages; then every eval.
 # Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its error (or log's end).
-stop() { local c; for c in $(pgrep -P "$1"); do stop "$c"; done; kill "$1" 2>/dev/null || true; }
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
+forward() {  # forward SIG: to every stage (it checkpoints its step and stops) and evaluation started here
+  local p
+  for p in $(descendants $$); do
+    case " $(ps -o args= -p "$p" 2>/dev/null) " in
+      *" llava_kd.py train "*|*" toy.py "*) kill -s "$1" "$p" 2>/dev/null || true ;;
+    esac
+  done
+}
+signalled=  # a signal to train.sh (kill, scancel --batch, Ctrl-C): passed on, and no chain starts after
+for s in TERM INT HUP QUIT USR1; do trap "signalled=$s; forward $s" "$s"; done
 parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
-  local pids=() names=() i
+  local pids=() names=() failed=() i rc
   for job in "$@"; do
     names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${names[-1]}.log" 2>&1 & pids+=($!)
   done
   for i in "${!pids[@]}"; do
-    if wait "${pids[$i]}"; then
+    while :; do  # a signal ends `wait` early (status > 128): wait again until the chain has ended
+      wait "${pids[$i]}" && rc=0 || rc=$?
+      kill -0 "${pids[$i]}" 2>/dev/null || break
+    done
+    if [ "$rc" = 0 ]; then
       echo "done: ${names[$i]} at $(( $(date +%s) - START )) s"
-    else
-      for p in "${pids[@]}"; do stop "$p"; done
-      grep -a "^error" "$OUT/logs/${names[$i]}.log" >&2 || tail -n 20 "$OUT/logs/${names[$i]}.log" >&2
-      echo "error: the toy recipe's ${names[$i]} stages failed; the whole log: $OUT/logs/${names[$i]}.log" >&2
-      exit 1
+    else  # the first to fail: the other chains checkpoint their step and stop too
+      [ ${#failed[@]} -gt 0 ] || forward TERM
+      failed+=("${names[$i]}")
     fi
   done
+  for name in "${failed[@]}"; do
+    grep -a "^error" "$OUT/logs/$name.log" >&2 || tail -n 20 "$OUT/logs/$name.log" >&2
+    echo "error: the toy recipe's $name stages failed; the whole log: $OUT/logs/$name.log" >&2
+  done
+  [ ${#failed[@]} = 0 ] || exit 1
+  if [ -n "$signalled" ]; then
+    echo "error: the toy recipe was stopped by SIG$signalled; run the same command to go on" >&2
+    exit 1
+  fi
 }
+parallel setup
 chains=("teacher"); for s in $SEEDS; do chains+=("baseline $s"); done
 parallel "${chains[@]}"
 chains=(); for s in $SEEDS; do chains+=("distilled $s" "dft_after_sft $s"); done
