@@ -453,7 +453,8 @@ def note_chat_formats(s_proc, t_proc, path):
 # A save writes checkpoint.tmp/, then renames it checkpoint/ (the one before: checkpoint.old/)
 CHECKPOINTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 COMPLETE = "complete.json"  # written last: {"step": n, "files": {name: bytes}}
-DONE = "done.json"  # the stage's output is published (publish writes it last): {"step", "args"}
+DONE = "done.json"  # the stage's output is published (publish writes it last): {"step", "args",
+# "finished": the whole schedule ran, its checkpoint is then removed}
 
 
 def read_marker(path, keys):
@@ -533,6 +534,8 @@ def continue_out(a, master, digest):
         if done is not None and done["args"].get("max_steps") == a.max_steps:
             if master:
                 print(f"stage {a.stage}: finished in {a.out} (step {done['step']}): skipped")
+            for name in CHECKPOINTS if master and done.get("finished") else ():
+                shutil.rmtree(os.path.join(a.out, name), ignore_errors=True)  # a stop left it
             return True
         if not resumable:
             raise data.UserError(
@@ -601,11 +604,14 @@ class Preemption:
     """SIGTERM (schedulers before a kill), SIGUSR1, SIGINT, SIGHUP (a dropped ssh session), SIGQUIT:
     the first asks the loop to stop after the current optimizer step, with a checkpoint. One request
     often arrives twice (SLURM signals every process, and torchrun forwards the same signal a moment
-    later): another signal within REPEAT seconds is that request; a later one stops at once. A step
-    that has not ended WAIT seconds (or 3 of the slowest step's) after the request ends the process
-    without saving: a process stuck in a collective with a dead peer (NCCL waits for minutes) must
-    not wait out the launcher's shutdown timeout. Before the first step, a request ends the run at
-    once: there is nothing to save."""
+    later): another signal within REPEAT seconds is that request; a later one stops at once. Before
+    the first step, a request ends the run at once: there is nothing to save.
+
+    A step that has not ended WAIT seconds (or 3 of the slowest step's) after the request ends the
+    process without saving: a process stuck in a collective with a dead peer (NCCL waits for
+    minutes) must not wait out the launcher's shutdown timeout. Python runs a signal's handler only
+    once the main thread is back from C++, which a stuck collective never is; but the signal's byte
+    reaches a wakeup pipe at once, and a watching thread reads it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     REPEAT = 60
@@ -617,9 +623,14 @@ class Preemption:
         self.at = None
         self.stepping = False  # the loop has begun its first step
         self.in_step = False
+        self.began = 0.0  # when the step under way began
         self.slowest = 0.0
-        self.watch = None
         self.before = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.wakeup = signal.set_wakeup_fd(self.write)
+        self.watcher = threading.Thread(target=self.watch, args=(read,), daemon=True)
+        self.watcher.start()
         _cleanups.append(self.restore)
 
     def handle(self, signum, frame):
@@ -642,43 +653,47 @@ class Preemption:
             file=sys.stderr,
             flush=True,
         )
-        if self.in_step:
-            self.start_watch()
-
-    def start_watch(self):
-        bound = max(self.WAIT, 3 * self.slowest)
-        self.watch = threading.Timer(bound, self.expire, (bound,))
-        self.watch.daemon = True
-        self.watch.start()
 
     def step_begins(self):
-        """The loop, as a step begins: a request that came during a save is watched from here."""
         self.stepping = self.in_step = True
-        if self.received is not None and self.watch is None:
-            self.start_watch()
+        self.began = time.monotonic()
 
     def step_ended(self, seconds):
-        """The loop, once a step's collectives are done: a save is not watched (a 4B model's
-        takes minutes); one stuck in a collective is ended by the process group's timeout."""
+        """The loop, once a step's collectives are done. A save is not watched (a 4B model's takes
+        minutes); one stuck in a collective is ended by the process group's timeout."""
         self.in_step = False
         self.slowest = max(self.slowest, seconds)
-        if self.watch is not None:
-            self.watch.cancel()
 
-    def expire(self, bound):
-        print(
-            f"error: stopped by {self.received}, and the step did not end within {bound:.0f} s "
-            f"(a process that died, or a collective that does not end): stopped without saving; "
-            f"the last checkpoint in {self.checkpoint} stands: run the same command again",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.stdout.flush()
-        os._exit(1)
+    def watch(self, read):
+        """The thread: from the first request on, ends the process if a step outlasts the bound."""
+        signums = {int(s) for s in self.SIGNALS}
+        while True:
+            got = os.read(read, 64)  # each byte a signal's number, written by Python's C handler
+            if not got:  # restore closed the pipe: the run is over
+                os.close(read)
+                return
+            if signums & set(got):
+                break
+        at = time.monotonic()
+        while self.write is not None:
+            time.sleep(0.5)
+            bound = max(self.WAIT, 3 * self.slowest)
+            if self.in_step and time.monotonic() - max(at, self.began) > bound:
+                print(  # on a line of its own: the progress bar's has no end
+                    f"\nerror: stopped by a signal, and the step under way did not end within "
+                    f"{bound:.0f} s (a process that died, or a collective that does not end): "
+                    f"stopped without saving; the last checkpoint in {self.checkpoint} stands: "
+                    f"run the same command again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
 
     def restore(self):
-        if self.watch is not None:
-            self.watch.cancel()
+        signal.set_wakeup_fd(self.wakeup)
+        os.close(self.write)
+        self.write = None
+        self.watcher.join(timeout=1)
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
@@ -895,11 +910,11 @@ def save_checkpoint(model, processor, state, out, state_dict=None):
 
 
 def publish(out, args, step, finished):
-    """The stage's output: the last checkpoint's model and processor in out itself (hard links: no
+    """The stage's output: the newest checkpoint's model and processor in out itself (hard links: no
     second copy on disk), then done.json, written last (--auto_resume skips a stage that has it).
     A stage that ran its whole schedule then drops its checkpoint: nobody reads its AdamW state
     (twice the weights) again. One stopped by --max_steps keeps it, to go on."""
-    ckpt = os.path.join(out, "checkpoint")
+    ckpt = newest_checkpoint(out)[0]  # checkpoint/, or a save's leftover the run resumed from
     for name in os.listdir(ckpt):
         if name in ("train_state.pt", COMPLETE):  # what --resume alone reads
             continue
@@ -912,7 +927,7 @@ def publish(out, args, step, finished):
             shutil.copy(os.path.join(ckpt, name), tmp)
         os.replace(tmp, os.path.join(out, name))
     with open(os.path.join(out, DONE + ".tmp"), "w") as f:
-        json.dump(dict(step=step, args=args), f)
+        json.dump(dict(step=step, args=args, finished=finished), f)
     os.replace(os.path.join(out, DONE + ".tmp"), os.path.join(out, DONE))
     if finished:
         for name in CHECKPOINTS:

@@ -283,8 +283,8 @@ def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
         with pytest.raises(DataError) as e:
             LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=9)
         assert str(e.value) == (
-            f"{tmp_path}/obj.json: {found}, where a JSON list of samples belongs ([{{\"id\", "
-            f"\"image\", \"conversations\"}}, ...]; or JSON Lines, one sample a line)"
+            f'{tmp_path}/obj.json: {found}, where a JSON list of samples belongs ([{{"id", '
+            f'"image", "conversations"}}, ...]; or JSON Lines, one sample a line)'
         )
     rows = [{"id": f"b{i}", "conversations": []} for i in range(25)]
     with pytest.raises(DataError) as e:

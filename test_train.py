@@ -219,18 +219,71 @@ def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy,
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (d, k)
 
 
-@pytest.mark.parametrize("stage", ["dpt", "dft"])
-def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts, tmp_path, stage):
+def perturbed(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data += 0.02 * torch.randn(p.shape, generator=g)
+
+
+def untie(model):
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    perturbed(model.lm_head, 1)
+
+
+# Pairs of models that differ from the toy's in one way each: (which model, the change)
+VARIANTS = {
+    "same": (None, None),
+    "the student's own tower": ("student", lambda m: perturbed(m.model.vision_tower, 0)),
+    "V_s > V_t": (
+        "student",
+        lambda m: m.resize_token_embeddings(m.config.text_config.vocab_size + 8),
+    ),
+    "V_s < V_t": (
+        "teacher",
+        lambda m: m.resize_token_embeddings(m.config.text_config.vocab_size + 8),
+    ),
+    "an untied student head": ("student", untie),
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(ckpts, tmp_path_factory):
+    """{variant: (student dir, teacher dir)}, each pair saved and loaded as any checkpoint is."""
+    out = tmp_path_factory.mktemp("pairs")
+    found = {}
+    for name, (which, change) in VARIANTS.items():
+        dirs = {"student": ckpts / "student", "teacher": ckpts / "teacher"}
+        if change:
+            model, proc = llava_kd.load_llava(dirs[which], torch.float32)
+            change(model)
+            dirs[which] = out / name.replace(" ", "-") / which
+            runtime.save_checkpoint_files(model, proc, dirs[which])
+        found[name] = (dirs["student"], dirs["teacher"])
+    return found
+
+
+@pytest.mark.parametrize(
+    "stage,variant",
+    [("dpt", "same"), ("dft", "same"), ("dpt", "the student's own tower")]
+    + [("dft", v) for v in VARIANTS if v != "same"],
+)
+def test_a_real_step_equals_the_equations_on_the_stock_models_logits(
+    toy, pairs, tmp_path, stage, variant
+):
     """One logged step (8 samples in 2 micro-batches, every term on) and its gradient, against
     float64 math (test_losses.reference, written from the equations) on the logits of the stock
-    LlavaForConditionalGeneration forward of both models."""
+    LlavaForConditionalGeneration forward of both models; for a pair that shares everything, and
+    for pairs that differ one way each (a student with its own vision tower, a larger or smaller
+    vocabulary than the teacher's, an untied head)."""
     from test_losses import NAMES, reference
 
+    student_dir, teacher_dir = pairs[variant]
     flags = [
         "--init",
-        str(ckpts / "student"),
+        str(student_dir),
         "--teacher",
-        str(ckpts / "teacher"),
+        str(teacher_dir),
         "--max_steps",
         "1",
         "--delta",
@@ -241,9 +294,9 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     llava_kd.main(argv)
     (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     # the step's samples, in the loop's order, through the loop's own processor set-up
-    model, proc = llava_kd.load_llava(ckpts / "student")
+    model, proc = llava_kd.load_llava(student_dir)
     data.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
-    teacher = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
+    teacher = transformers.LlavaForConditionalGeneration.from_pretrained(teacher_dir)
     ds = data.LlavaDataset(
         argv[argv.index("--data") + 1],
         f"{toy}/data/images",
@@ -278,8 +331,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(toy, ckpts,
     # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's
     # counts
     llava_kd.apply_stage(model, stage)
-    # shared, as load_teacher does (the same weights here)
-    model.model.vision_tower = teacher.model.vision_tower
+    runtime.share_tower(model, teacher, teacher_dir, new_student=False)  # as load_teacher does
+    data.NOTES.clear()
     counts = [
         float(m.sum())
         for m in (
