@@ -780,13 +780,17 @@ def micro_batches(a, r, rank, world, step):
 
 
 def take(batches, n):
-    """The next n micro-batches, or one that names a dead loader worker as its error."""
+    """The next n micro-batches, or one that names a dead loader worker as its error: the loader
+    says so, or, when the worker died while handing over a batch's shared memory, the connection
+    to it breaks."""
     try:
         return [next(batches) for _ in range(n)]
-    except RuntimeError as e:
-        if not str(e).startswith("DataLoader worker"):
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, RuntimeError) and not first.startswith("DataLoader worker"):
             raise
-        why = f"{str(e).splitlines()[0]} (if the host ran out of memory: fewer --workers)"
+        died = first if isinstance(e, RuntimeError) else f"a DataLoader worker died ({e!r})"
+        why = f"{died} (if the host ran out of memory: fewer --workers)"
         return [dict(errors=[why], fix="--resume")]
 
 

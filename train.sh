@@ -70,7 +70,7 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   # its foreground child ends (and SIGKILL comes first); the stage takes a repeat as the same request
   PYTHONUNBUFFERED=1 $launch llava_kd.py train --stage "$@" $fsdp --auto_resume >> "$log" 2>&1 &
   local pid=$! rc s
-  tail -c "+$from" -f --pid="$pid" "$log" & local shown=$!  # the output, as it comes
+  tail -s 0.1 -c "+$from" -f --pid="$pid" "$log" & local shown=$!  # the output, as it comes
   for s in TERM INT HUP QUIT USR1; do trap "kill -s $s $pid 2>/dev/null || true" "$s"; done
   while :; do  # a signal ends `wait` early (status > 128): wait again until the stage has ended
     wait "$pid" && rc=0 || rc=$?
