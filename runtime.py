@@ -242,8 +242,8 @@ def check_resume(a, saved, digest, what=None):
     what = what or f"--resume: the checkpoint in {a.out}"
     if saved.get("data_sha256", digest) != digest:
         raise data.UserError(
-            f"{what} was written on other data: --data {a.data} is not the file it trained on "
-            f"({saved['data']}); continue on that file's samples, or give a new --out"
+            f"{what} was written on other data: --data {a.data} does not hold the samples it "
+            f"trained on (then at {saved['data']}); continue on those, or give a new --out"
         )
     differ = [k for k, v in vars(a).items() if k not in MAY_CHANGE and k in saved and saved[k] != v]
     if differ:
@@ -575,11 +575,12 @@ def claim_out(a, master):
         _cleanups.append(lambda: release_out(path, me))
     names = ("config.json", "log.jsonl", *CHECKPOINTS)
     held = [n for n in names if os.path.exists(os.path.join(a.out, n))]
-    work = "config.json" in held or newest_checkpoint(a.out)[0] is not None
-    if work and not a.resume:
+    newest, problems = newest_checkpoint(a.out)
+    if ("config.json" in held or newest) and not a.resume:
+        damaged = "".join(f"; {p}" for p in problems)
         raise data.UserError(
-            f"--out {a.out} holds another run ({', '.join(held)}): continue it with --resume, or "
-            f"give a new --out (or delete that one)"
+            f"--out {a.out} holds another run ({', '.join(held)}{damaged}): continue it with "
+            f"--resume, or give a new --out (or delete that one)"
         )
 
 

@@ -159,3 +159,55 @@ def test_the_launcher_names_a_process_that_died_without_a_line(tmp_path, signum)
     name = "SIGKILL" if signum == 9 else "SIGSEGV"
     assert done.stderr.splitlines()[-1] == f"error: process 1 of the stage ended with signal {name}"
     assert "Traceback" not in done.stderr
+
+
+def test_the_same_data_at_another_path_continues_and_other_data_is_refused(toy, ckpts, tmp_path):
+    """Jobs that stage their data to a scratch folder: the checkpoint goes on with the file that
+    holds the same samples wherever it is; a file that holds others (as many) is refused by name."""
+    out = tmp_path / "out"
+    llava_kd.main(sft(toy, ckpts, out, "--auto_resume", "--max_steps", "1"))
+    moved = tmp_path / "scratch" / "sft.json"
+    moved.parent.mkdir()
+    moved.write_bytes(open(f"{toy}/data/sft.json", "rb").read())
+    for resume in ("--auto_resume", "--resume"):
+        argv = sft(toy, ckpts, out, resume, "--max_steps", "2" if resume == "--resume" else "3")
+        argv[argv.index("--data") + 1] = str(moved)
+        llava_kd.main(argv)
+    rows = json.load(open(moved))
+    rows[0]["conversations"][1]["value"] += " (edited)"
+    moved.write_text(json.dumps(rows))
+    for resume, what in [
+        ("--resume", f"--resume: the checkpoint in {out}"),
+        ("--auto_resume", f"{out}/{runtime.DONE}: the stage finished in {out}"),
+    ]:
+        argv = sft(toy, ckpts, out, resume, "--max_steps", "3")
+        argv[argv.index("--data") + 1] = str(moved)
+        assert refused(argv) == (
+            f"error: {what} was written on other data: --data {moved} does not hold the samples "
+            f"it trained on (then at {moved}); continue on those, or give a new --out"
+        )
+
+
+@pytest.mark.parametrize("marker", [runtime.DONE, f"checkpoint/{runtime.COMPLETE}", "log.jsonl"])
+@pytest.mark.parametrize("damage", ["empty", "torn", "a list"])
+def test_a_torn_marker_is_named_or_set_right_by_the_same_command(
+    toy, ckpts, tmp_path, marker, damage
+):
+    """Each file a stop can tear: done.json (the checkpoint is published again), complete.json (that
+    checkpoint is not taken: the one named), the log (its torn line dropped); never a traceback."""
+    out = tmp_path / "out"
+    argv = sft(toy, ckpts, out, "--auto_resume", "--max_steps", "2", "--save_every", "1")
+    llava_kd.main(argv)
+    path = out / marker
+    text = {"empty": "", "torn": path.read_text()[:9], "a list": "[1, 2]"}[damage]
+    path.write_text(text)
+    if marker == f"checkpoint/{runtime.COMPLETE}":
+        os.remove(out / runtime.DONE)  # so the checkpoint is read
+        message = refused(argv[:-3] + ["3"])
+        assert "holds another run (config.json, log.jsonl, checkpoint; " in message
+        assert f"{path}: cut short or damaged (" in message
+        return
+    llava_kd.main(argv)
+    assert json.load(open(out / runtime.DONE))["step"] == 2
+    steps = [json.loads(x)["step"] for x in open(out / "log.jsonl") if x.strip().endswith("}")]
+    assert steps in ([1, 2], []) if marker == "log.jsonl" else steps == [1, 2]

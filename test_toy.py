@@ -120,3 +120,13 @@ def test_the_question_only_prior_is_the_most_frequent_answer_to_the_same_questio
     (tmp_path / "test.json").write_text(rows(test))
     prior = toy_module.question_prior(str(tmp_path / "train.json"), str(tmp_path / "test.json"))
     assert prior == 2 / 3
+
+
+@pytest.mark.parametrize("text", ["", '{"seed": 0, "qu', "[0]"])
+def test_a_torn_setup_marker_is_one_line_naming_it(tmp_path, text):
+    (tmp_path / "setup.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        toy_module.main(["setup", "--out", str(tmp_path), "--quick"])
+    message = str(e.value)
+    assert message.startswith(f"error: {tmp_path}/setup.json: cut short or damaged (")
+    assert message.endswith(f": delete {tmp_path} to set the toy up again")

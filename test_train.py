@@ -592,8 +592,12 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     runs = [processes(*two("fsdp", "--max_steps", "2", "--fsdp"))]
     if stage == "dft":
         runs.append(processes(*two("parts", "--max_steps", "1", "--fsdp")))
+    else:  # continued by one process under DDP
+        runs.append(processes(*two("to-ddp", "--max_steps", "1", "--fsdp")))
     # while those run
     llava_kd.main(args(toy, stage, tmp_path / "one", *common, "--max_steps", "2"))
+    if stage == "dft":  # continued by two processes under FSDP2
+        llava_kd.main(args(toy, stage, tmp_path / "to-fsdp", *common, "--max_steps", "1"))
     finish(*runs)
     one, start, fsdp = (
         weights(tmp_path / "one"),
@@ -613,9 +617,18 @@ def test_fsdp_ends_with_the_weights_of_one_process_and_resumes_exactly(toy, ckpt
     assert 0.45 < held[1] / held[0] < 0.55
     if stage == "dft":
         finish(processes(*two("parts", "--max_steps", "2", "--fsdp", "--resume")))
-        parts = weights(tmp_path / "parts")
+        finish(processes(*two("to-fsdp", "--max_steps", "2", "--fsdp", "--resume")))
+        parts, mixed = weights(tmp_path / "parts"), weights(tmp_path / "to-fsdp")
         for k in fsdp:
             torch.testing.assert_close(parts[k], fsdp[k], rtol=0, atol=1e-7, msg=f"resumed: {k}")
+            torch.testing.assert_close(mixed[k], fsdp[k], rtol=0, atol=1e-5, msg=f"DDP->FSDP2: {k}")
+    else:  # a checkpoint holds the whole state: DDP goes on from FSDP2's (train.sh: NGPU 2 -> 1)
+        llava_kd.main(
+            args(toy, stage, tmp_path / "to-ddp", *common, "--max_steps", "2", "--resume")
+        )
+        mixed = weights(tmp_path / "to-ddp")
+        for k in one:
+            torch.testing.assert_close(mixed[k], one[k], rtol=0, atol=1e-5, msg=f"FSDP2->DDP: {k}")
 
 
 def test_two_nodes_on_one_machine_end_with_the_weights_of_one_process(toy, ckpts, tmp_path):

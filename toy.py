@@ -667,7 +667,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "setup":  # setup.json last: a rerun of the recipe keeps the setup it trained on
         marker, asked = os.path.join(a.out, "setup.json"), dict(seed=a.seed, quick=a.quick)
-        made = json.load(open(marker)) if os.path.isfile(marker) else None
+        try:
+            made = (
+                runtime.read_marker(marker, ("seed", "quick")) if os.path.isfile(marker) else None
+            )
+        except data.UserError as e:  # a stop while it was written
+            raise SystemExit(f"error: {e}: delete {a.out} to set the toy up again") from None
         if made is None:
             make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
             with open(marker, "w") as f:
