@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -306,3 +307,34 @@ def test_json_with_a_byte_order_mark_and_json_lines_are_the_same_samples(toy, tm
     broken.write_text(open(source).read()[:-2])  # a list cut short: its own error, not JSON Lines'
     with pytest.raises(data.DataError, match="not a readable LLaVA JSON list of samples"):
         data.read_samples(str(broken), f"{toy}/data/images")
+
+
+def test_a_new_student_on_a_tower_of_another_shape_than_the_teachers_is_refused_first(
+    toy, ckpts, tmp_path, no_weights
+):
+    """A new student takes the teacher's tower (its new projector is made for that width): --vision
+    of another width is refused by name before any weights load, not by a shape error at step 1."""
+    config = transformers.AutoConfig.from_pretrained(f"{toy}/vision")
+    config.hidden_size *= 2
+    wide = tmp_path / "wide"
+    with torch.device("meta"):
+        transformers.SiglipVisionModel(config).config.save_pretrained(wide)
+    shutil.copy(f"{toy}/vision/preprocessor_config.json", wide)
+    argv = ["train", "--stage", "dpt", "--data", f"{toy}/data/pretrain.json"]
+    argv += ["--images", f"{toy}/data/images", "--out", str(tmp_path / "out")]
+    argv += [
+        "--vision",
+        str(wide),
+        "--llm",
+        f"{toy}/student_llm",
+        "--teacher",
+        str(ckpts / "teacher"),
+    ]
+    argv += ["--global_batch_size", "16", "--batch_size", "8", "--workers", "0"]
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(argv)
+    assert str(e.value) == (
+        f"error: --teacher {ckpts / 'teacher'}: its vision tower is not the shape of --vision "
+        f"{wide}'s: hidden_size {config.hidden_size} (teacher {config.hidden_size // 2}); a new "
+        f"student takes the teacher's tower: --vision {ckpts / 'teacher'}"
+    )

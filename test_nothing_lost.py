@@ -466,3 +466,31 @@ def test_train_sh_passes_a_signal_on_to_its_stage(toy, ckpts, tmp_path):
     assert last.startswith(f"error: stage dft --out {stage}: stopped by SIGUSR1 at step {step} "), (
         last
     )
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_nothing_that_blocks_it(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    """A crash before the first checkpoint (at the first step, or after steps were logged) leaves a
+    log and no checkpoint: the same command starts again, with that log's lines dropped."""
+    out = tmp_path / "run"
+    argv = sft(toy, ckpts, out, "--max_steps", "3", "--save_every", "2")
+    forward_backward = llava_kd.forward_backward
+
+    def crashing_at(step):
+        def crashing(a, r, micro, counts, ddp, device, at):
+            if at == step:
+                raise RuntimeError("a shape error, a CUDA error, ...")
+            return forward_backward(a, r, micro, counts, ddp, device, at)
+
+        return crashing
+
+    for crash_at in (0, 1):
+        monkeypatch.setattr(llava_kd, "forward_backward", crashing_at(crash_at))
+        with pytest.raises(RuntimeError, match="a shape error"):
+            llava_kd.main(argv)
+        assert logged_steps(out) == list(range(1, crash_at + 1))
+        assert not (out / "checkpoint").exists()
+    monkeypatch.setattr(llava_kd, "forward_backward", forward_backward)
+    llava_kd.main(argv)
+    assert logged_steps(out) == [1, 2, 3]

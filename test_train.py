@@ -292,6 +292,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(
     argv = args(toy, stage, tmp_path, *flags)
     argv[argv.index("--global_batch_size") + 1], argv[argv.index("--batch_size") + 1] = "8", "4"
     llava_kd.main(argv)
+    saved, init = weights(tmp_path), weights(student_dir)  # the student's own tower, kept
+    assert all(torch.equal(saved[k], init[k]) for k in init if "vision_tower." in k)
     (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     # the step's samples, in the loop's order, through the loop's own processor set-up
     model, proc = llava_kd.load_llava(student_dir)
