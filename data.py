@@ -135,8 +135,9 @@ def _check(row, i, image_folder, moved, open_image):
         conv[0]["value"] = (
             "<image>\n" + "".join(c["value"].replace("<image>", "") for c in conv[:1]).strip()
         )
-        for c in conv[1:]:
-            c["value"] = c["value"].replace("<image>", "")
+        for c in conv[1:]:  # the tag's turn as if it had never held it
+            if "<image>" in c["value"]:
+                c["value"] = c["value"].replace("<image>", "").strip()
     return sid, path, conv
 
 
@@ -261,7 +262,7 @@ def prepare_chat(processor, generation_config, where, end_is_eos=False):
         tok.eos_token = tok.convert_ids_to_tokens(after[0])
     old = generation_config.eos_token_id
     old = [] if old is None else [old] if isinstance(old, int) else list(old)
-    generation_config.eos_token_id = after + [i for i in old if i != after[0]]
+    generation_config.eos_token_id = after + [i for i in dict.fromkeys(old) if i != after[0]]
     if generation_config.pad_token_id is None:
         generation_config.pad_token_id = tok.pad_token_id
 

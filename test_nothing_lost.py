@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
 
 import data
@@ -494,3 +495,33 @@ def test_a_run_that_failed_before_its_first_checkpoint_leaves_nothing_that_block
     monkeypatch.setattr(llava_kd, "forward_backward", forward_backward)
     llava_kd.main(argv)
     assert logged_steps(out) == [1, 2, 3]
+
+
+def test_the_long_waits_are_on_the_long_group_and_training_on_the_default_one(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    """Waits that may last (every process checking its share of the data, rank 0 writing a 4B
+    model's checkpoint, an error's barrier) are on the gloo group of 2 hours; the training's
+    collectives on the default group (NCCL: 10 minutes, so a dead peer ends them)."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    def recording(name, real):
+        def recorded(*args, **kwargs):
+            group = kwargs.get("group")
+            which = "long" if group is runtime._waits[-1] else "default" if group is None else "?"
+            with open(calls / str(os.getpid()), "a") as f:
+                f.write(f"{name} {which}\n")
+            return real(*args, **kwargs)
+
+        return recorded
+
+    for name in ("all_gather_object", "barrier", "all_reduce"):
+        monkeypatch.setattr(dist, name, recording(name, getattr(dist, name)))
+    argv = sft(toy, ckpts, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    argv[argv.index("--batch_size") + 1] = "4"
+    finish(processes(*argv))
+    argv[argv.index("--global_batch_size") + 1] = "400"  # an agreed error: every process waits
+    ended(processes(*argv))
+    seen = {line for f in calls.iterdir() for line in open(f).read().splitlines()}
+    assert seen == {"all_gather_object long", "barrier long", "all_reduce default"}, seen

@@ -1,0 +1,87 @@
+"""Chat and generation, by differences that must not matter: where <image> stands in a sample, how
+many questions are generated at once, which eos ids a model's own generation config had."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import data
+import llava_kd
+import runtime
+import toy as toy_module
+
+
+@pytest.mark.parametrize("old", [None, 7, [7], [7, 9], [9, 7, 9]])
+def test_the_turn_end_leads_the_eos_ids_and_every_one_the_config_had_stays(ckpts, old):
+    _, proc = llava_kd.load_llava(ckpts / "student")
+    config = transformers.GenerationConfig(eos_token_id=old)
+    data.prepare_chat(proc, config, "student", end_is_eos=True)
+    end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    had = [] if old is None else [old] if isinstance(old, int) else old
+    assert config.eos_token_id[0] == end == proc.tokenizer.eos_token_id
+    assert set(config.eos_token_id) == {end, *had}
+    assert len(config.eos_token_id) == len(set(config.eos_token_id))
+
+
+def test_image_in_a_later_turn_is_the_sample_with_it_in_the_first(toy, tmp_path):
+    """LLaVA puts the image at the start of the first human turn; a sample that names it in a later
+    turn (or not at all) trains on the same tokens."""
+    rows = json.load(open(f"{toy}/data/sft.json"))
+    row = next(r for r in rows if r.get("image") and len(r["conversations"]) >= 4)
+    first = [dict(t) for t in row["conversations"]]
+    first[0]["value"] = "<image>\n" + first[0]["value"].replace("<image>", "").strip()
+    for t in first[1:]:
+        t["value"] = t["value"].replace("<image>", "").strip()
+    later = [dict(t) for t in first]
+    later[0]["value"] = later[0]["value"].removeprefix("<image>\n")
+    later[2]["value"] = "<image>\n" + later[2]["value"]
+    nowhere = [dict(t) for t in later]
+    nowhere[2]["value"] = nowhere[2]["value"].removeprefix("<image>\n")
+    samples = [
+        dict(row, id=f"s{i}", conversations=c) for i, c in enumerate([first, later, nowhere])
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(samples))
+    model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
+    ds = data.LlavaDataset(str(path), f"{toy}/data/images", proc, chat=True, max_length=512)
+    items = [ds[i] for i in range(3)]
+    image = items[0]["input_ids"] == model.config.image_token_id
+    assert int(image.sum()) == ds.n_image_tokens
+    for item in items[1:]:
+        assert torch.equal(item["input_ids"], items[0]["input_ids"])
+        assert torch.equal(item["labels"], items[0]["labels"])
+
+
+def test_batched_generation_answers_as_one_question_at_a_time(toy, ckpts, tmp_path):
+    """toy.py eval generates 32 questions at once (left padding); a data set whose answers are the
+    model's own, generated one at a time, is answered 100% right in batches of every size."""
+    model, proc = llava_kd.load_llava(ckpts / "student")
+    model.eval()
+    # untrained, it answers every question alike: made to answer each its own way, in 10 tokens
+    model.generation_config.eos_token_id = [model.config.image_token_id]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p += 0.3 * torch.randn(p.shape, generator=g)
+    runtime.save_checkpoint_files(model, proc, tmp_path / "model")
+    model, proc = llava_kd.load_llava(tmp_path / "model")
+    rows = json.load(open(f"{toy}/data/test.json"))[:12]
+    tok = proc.tokenizer
+    for row in rows:  # the greedy answer, alone
+        prompt = [{"role": "user", "content": row["conversations"][0]["value"]}]
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        image = Image.open(f"{toy}/data/images/{row['image']}").convert("RGB")
+        inputs = proc(text=[text], images=[image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        row["conversations"] = row["conversations"][:1] + [{"from": "gpt", "value": answer}]
+    answers = {r["conversations"][1]["value"] for r in rows}
+    assert len(answers) >= 6 and all(a.strip() for a in answers)  # answers that differ
+    path = tmp_path / "own.json"
+    path.write_text(json.dumps(rows))
+    for batch in (5, 32):
+        accuracy = toy_module.evaluate(tmp_path / "model", path, f"{toy}/data/images", batch)
+        assert accuracy == 1.0, batch
