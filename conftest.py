@@ -103,12 +103,22 @@ def stop_in_the_dft_stage(out, proc):
     return None
 
 
+def gone(group, timeout=10):
+    """Waits (a while) until every process of the group has ended."""
+    deadline = time.time() + timeout
+    while subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout:
+        if time.time() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def stop_between_stages(out, proc):
     """SIGKILL of train.sh and everything it started, once the first distilled stage (DPT) is
     finished; the number of stages finished then."""
     while proc.poll() is None:
         if (out / "seed1" / "dpt" / "done.json").exists():
             os.killpg(proc.pid, signal.SIGKILL)
+            gone(proc.pid)
             return len(list(out.glob("**/done.json")))
         time.sleep(0.05)
     return None

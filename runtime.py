@@ -881,10 +881,9 @@ def save_checkpoint_files(model, processor, out, state_dict=None):
 def full_disk(error, path):
     """Whether a write failed for want of space: ENOSPC, as an OSError or in the message of the
     error of a library that writes on its own (torch.save, safetensors: "os error 28")."""
-    enospc = getattr(error, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(
-        error
-    )
-    return enospc or shutil.disk_usage(path).free < 2**26
+    by_errno = getattr(error, "errno", None) == errno.ENOSPC
+    by_message = os.strerror(errno.ENOSPC) in str(error)
+    return by_errno or by_message or shutil.disk_usage(path).free < 2**26
 
 
 def save_checkpoint(model, processor, state, out, state_dict=None):
@@ -899,7 +898,7 @@ def save_checkpoint(model, processor, state, out, state_dict=None):
         sizes = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             json.dump(dict(step=state["step"], files=sizes), f)
-    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' SafetensorError
+    except Exception as e:  # OSError, torch.save's RuntimeError, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         if not full_disk(e, out):
             raise

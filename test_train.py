@@ -263,6 +263,23 @@ def pairs(ckpts, tmp_path_factory):
     return found
 
 
+def test_an_untied_head_trains_in_every_stage_that_trains_the_llm_and_is_saved_untied(
+    toy, pairs, tmp_path
+):
+    student_dir, teacher_dir = pairs["an untied student head"]
+    before = weights(student_dir)
+    for stage in ("sft", "dft"):
+        teacher = ["--teacher", str(teacher_dir)] if stage == "dft" else []
+        flags = ["--init", str(student_dir), "--max_steps", "1", "--lr", "1e-2", *teacher]
+        llava_kd.main(args(toy, stage, tmp_path / stage, *flags))
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / stage)
+        head, embeddings = model.lm_head.weight, model.get_input_embeddings().weight
+        assert head.data_ptr() != embeddings.data_ptr() and not torch.equal(head, embeddings)
+        after = model.state_dict()
+        for name in ("lm_head.weight", "model.language_model.embed_tokens.weight"):
+            assert not torch.equal(after[name], before[name]), (stage, name)
+
+
 @pytest.mark.parametrize(
     "stage,variant",
     [("dpt", "same"), ("dft", "same"), ("dpt", "the student's own tower")]

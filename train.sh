@@ -40,9 +40,10 @@ if [ -n "${INIT:-}${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; th
 else
   OUT=${OUT:-runs/toy}
 fi
-# One recipe an OUT: a second one is refused at once (the lock ends with the last process holding it)
+# One recipe an OUT: a second one is refused (the lock ends with the last process holding it; a few
+# seconds for the processes of a recipe just killed to end)
 mkdir -p "$OUT/logs"; exec 9>>"$OUT/train.lock"
-if flock -n -E 75 9; then
+if flock -w 5 -E 75 9; then
   echo $$ > "$OUT/train.lock"
 elif [ $? = 75 ]; then
   echo "error: $OUT is in use by another train.sh (pid $(cat "$OUT/train.lock")): wait for it, or give another OUT" >&2

@@ -211,8 +211,8 @@ MUTANTS = [
     (
         "resumed log keeps the lines before the step only",
         "runtime.py",
-        "if step <= resume_step:",
-        "if step < resume_step:",
+        "if step <= start_step:",
+        "if step < start_step:",
         RUNTIME,
     ),
     ("a repeated signal stops at once", "runtime.py", "REPEAT = 60", "REPEAT = 0", RUNTIME),
@@ -233,8 +233,8 @@ MUTANTS = [
     (
         "auto_resume skips whatever max_steps",
         "runtime.py",
-        'if done["args"].get("max_steps") == a.max_steps:',
-        "if True:",
+        'and done["args"].get("max_steps") == a.max_steps:',
+        "and True:",
         RUNTIME,
     ),
     (
@@ -277,8 +277,8 @@ MUTANTS = [
     (
         "train.sh passes no SIGUSR1",
         "train.sh",
-        "for s in TERM INT HUP QUIT USR1; do trap",
-        "for s in TERM INT HUP QUIT; do trap",
+        'for s in TERM INT HUP QUIT USR1; do trap "kill',
+        'for s in TERM INT HUP QUIT; do trap "kill',
         SCRIPT + ["test_nothing_lost.py"],
     ),
     (
@@ -387,6 +387,258 @@ MUTANTS = [
         'key = step if w_s.requires_grad else "frozen"',
         'key = "frozen"',
         LOOP,
+    ),
+    # round 4: a bug of each class the suite guards by technique, and of each fault one step off
+    # the life of --out under crashes (test_crash_points: every write stopped at or found full)
+    (
+        "publish takes checkpoint/, not the newest complete one",
+        "runtime.py",
+        "ckpt = newest_checkpoint(out)[0]  # checkpoint/, or a save's leftover",
+        'ckpt = os.path.join(out, "checkpoint")  # checkpoint/, or a save\'s leftover',
+        ["test_crash_points.py"],
+    ),
+    (
+        "complete.json written before train_state.pt",
+        "runtime.py",
+        (
+            'torch.save(state, os.path.join(tmp, "train_state.pt"))\n'
+            "        sizes = {n: os.path.getsize(os.path.join(tmp, n)) "
+            "for n in sorted(os.listdir(tmp))}\n"
+            '        with open(os.path.join(tmp, COMPLETE), "w") as f:\n'
+            '            json.dump(dict(step=state["step"], files=sizes), f)'
+        ),
+        (
+            "sizes = {n: os.path.getsize(os.path.join(tmp, n)) "
+            "for n in sorted(os.listdir(tmp))}\n"
+            '        with open(os.path.join(tmp, COMPLETE), "w") as f:\n'
+            '            json.dump(dict(step=state["step"], files=sizes), f)\n'
+            '        torch.save(state, os.path.join(tmp, "train_state.pt"))'
+        ),
+        ["test_crash_points.py"],
+    ),
+    (
+        "only checkpoint/ is looked for",
+        "runtime.py",
+        "    for name in CHECKPOINTS:\n        path = os.path.join(out, name)\n        problem",
+        "    for name in CHECKPOINTS[:1]:\n        path = os.path.join(out, name)\n        problem",
+        ["test_crash_points.py"],
+    ),
+    (
+        "a finished stage's leftover checkpoint kept",
+        "runtime.py",
+        'for name in CHECKPOINTS if master and done.get("finished") else ():',
+        "for name in ():",
+        ["test_crash_points.py"],
+    ),
+    (
+        "safetensors' full disk not seen",
+        "runtime.py",
+        "by_message = os.strerror(errno.ENOSPC) in str(error)",
+        "by_message = False",
+        ["test_crash_points.py"],
+    ),
+    (
+        "a failed save's tmp cleaned on OSError alone",
+        "runtime.py",
+        "    except Exception as e:  # OSError, torch.save's RuntimeError, SafetensorError",
+        "    except (OSError, RuntimeError) as e:",
+        ["test_crash_points.py"],
+    ),
+    (
+        "a crashed start's log blocks the same command",
+        "runtime.py",
+        'if ("config.json" in held or newest) and not a.resume:',
+        "if held and not a.resume:",
+        ["test_nothing_lost.py", "-k", "failed_before"],
+    ),
+    (
+        "done.json read raw",
+        "runtime.py",
+        'done = read_marker(path, ("step", "args"))',
+        "done = json.load(open(path))",
+        ["test_continue.py", "-k", "torn"],
+    ),
+    # signals at every phase (test_signal_points)
+    (
+        "a request before the first step waits for a step",
+        "runtime.py",
+        "        if not self.stepping:\n            raise",
+        "        if False:\n            raise",
+        ["test_signal_points.py", "-k", "each_signal"],
+    ),
+    (
+        "handlers left installed after a run",
+        "runtime.py",
+        "        for s, handler in self.before.items():\n            signal.signal(s, handler)",
+        "        for s, handler in self.before.items():\n            pass",
+        ["test_signal_points.py", "-k", "leaves"],
+    ),
+    (
+        "a stop request never bounds its step",
+        "runtime.py",
+        "if self.in_step and time.monotonic() - max(at, self.began) > bound:",
+        "if self.in_step and time.monotonic() - max(at, self.began) > 10 * bound:",
+        ["test_signal_points.py", "-k", "never_comes"],
+    ),
+    (
+        "torchrun waits 30 s for the workers to checkpoint",
+        "train.sh",
+        "--shutdown_timeout=900",
+        "--shutdown_timeout=30",
+        ["test_train_sh.py"],
+    ),
+    (
+        "the toy recipe passes every signal on as SIGTERM",
+        "train.sh",
+        'trap "signalled=$s; forward $s" "$s"',
+        'trap "signalled=$s; forward TERM" "$s"',
+        ["test_train_sh.py"],
+    ),
+    # train.sh as a program (test_train_sh: every setting against its commands)
+    (
+        "one GPU a node on two nodes without torchrun",
+        "train.sh",
+        'elif [ "$WORLD" = 1 ]; then',
+        'elif [ "$NGPU" = 1 ]; then',
+        ["test_train_sh.py"],
+    ),
+    (
+        "FSDP=auto shards dpt too",
+        "train.sh",
+        "[[ $1 == sft || $1 == dft ]]",
+        "[[ $1 != pt ]]",
+        ["test_train_sh.py"],
+    ),
+    (
+        "every node rank 0",
+        "train.sh",
+        "--node_rank=${NODE_RANK:?set NODE_RANK}",
+        "--node_rank=0",
+        ["test_train_sh.py"],
+    ),
+    (
+        "two recipes on one OUT",
+        "train.sh",
+        "if flock -w 5 -E 75 9; then",
+        "if true; then",
+        ["test_train_sh.py"],
+    ),
+    # schedules and counts (test_schedule: properties over drawn cases)
+    (
+        "grouped epochs drop the mixed step",
+        "runtime.py",
+        "whole = len(rest) // global_batch * global_batch  # then what is left of both, mixed",
+        "whole = 0",
+        ["test_schedule.py"],
+    ),
+    (
+        "--max_steps past the schedule",
+        "llava_kd.py",
+        "end=total if a.max_steps is None else min(total, a.max_steps)",
+        "end=total if a.max_steps is None else a.max_steps",
+        ["test_schedule.py"],
+    ),
+    # unequal shapes (test_train: the loop against the equations over model pairs)
+    (
+        "M_t over the teacher's whole vocabulary",
+        "llava_kd.py",
+        "v = min(len(teacher.lm_head.weight), len(model.lm_head.weight))",
+        "v = len(teacher.lm_head.weight)",
+        ["test_train.py", "-k", "real_step"],
+    ),
+    (
+        "the student's own tower swapped for the teacher's",
+        "runtime.py",
+        "    if differ and not new_student:\n        data.note(",
+        "    if False:\n        data.note(",
+        ["test_train.py", "-k", "real_step"],
+    ),
+    (
+        "an untied head frozen",
+        "llava_kd.py",
+        '"llm": ("model.language_model.", "lm_head."),',
+        '"llm": ("model.language_model.",),',
+        ["test_train.py", "-k", "untied"],
+    ),
+    # chat and generation (test_chat: differences that must not matter)
+    (
+        "the config's other eos ids dropped",
+        "data.py",
+        "eos_token_id = after + [i for i in dict.fromkeys(old) if i != after[0]]",
+        "eos_token_id = after",
+        ["test_chat.py"],
+    ),
+    (
+        "generation pads on the right",
+        "toy.py",
+        'tok.padding_side = "left"',
+        'tok.padding_side = "right"',
+        ["test_chat.py"],
+    ),
+    (
+        "a later turn's <image> leaves its newline",
+        "data.py",
+        'c["value"] = c["value"].replace("<image>", "").strip()',
+        'c["value"] = c["value"].replace("<image>", "")',
+        ["test_chat.py"],
+    ),
+    # which process group waits (test_nothing_lost: every collective's group recorded)
+    (
+        "agreed waits on the default group",
+        "runtime.py",
+        "dist.all_gather_object(messages, message, group=_waits[-1])",
+        "dist.all_gather_object(messages, message)",
+        ["test_nothing_lost.py", "-k", "long_waits"],
+    ),
+    (
+        "the step's sums on the long group",
+        "llava_kd.py",
+        "            dist.all_reduce(logged)",
+        "            dist.all_reduce(logged, group=runtime._waits[-1])",
+        ["test_nothing_lost.py", "-k", "long_waits"],
+    ),
+    # the faults one step off
+    (
+        "AdamW saved by position under DDP",
+        "runtime.py",
+        "else rekeyed(r.opt.state_dict(), dict(enumerate(r.names))),",
+        "else r.opt.state_dict(),",
+        ["test_train.py", "-k", "fsdp_ends"],
+    ),
+    (
+        "--data compared by path",
+        "runtime.py",
+        'MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation", "data"}',
+        'MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation"}',
+        ["test_continue.py", "-k", "same_data"],
+    ),
+    (
+        "--data's samples not compared",
+        "runtime.py",
+        'if saved.get("data_sha256", digest) != digest:',
+        "if False:",
+        ["test_continue.py", "-k", "same_data"],
+    ),
+    (
+        "a JSON object where the samples belong: found not said",
+        "data.py",
+        'found = f"an object with keys {list(rows)[:8]}" if isinstance(rows, dict) else repr(rows)',
+        'found = "not a list"',
+        ["test_model_data.py", "-k", "not_a_list"],
+    ),
+    (
+        "a dead worker's broken connection is a traceback",
+        "runtime.py",
+        "except (RuntimeError, ConnectionError, EOFError) as e:",
+        "except RuntimeError as e:",
+        ["test_nothing_lost.py", "-k", "killed_loader"],
+    ),
+    (
+        "a new student's tower of another width taken",
+        "llava_kd.py",
+        "    if teacher is not None and source is None:\n        runtime.check_tower_shape(",
+        "    if False:\n        runtime.check_tower_shape(",
+        ["test_errors.py", "-k", "another_shape"],
     ),
 ]
 
