@@ -2,7 +2,8 @@
 removals, the output it publishes, the markers) made in turn to find a full disk, or to stop the
 process right there (as SIGKILL or a power cut would). The same command (--auto_resume, as train.sh
 runs it) then ends where an uninterrupted run ends: the same weights, each step logged once, no
-checkpoint left behind. A stage marked done loads at every point."""
+checkpoint left behind, no step trained again that a complete checkpoint held. A stage marked done
+loads at every point."""
 
 import builtins
 import errno
@@ -52,7 +53,7 @@ def writes(fn, path, args, kwargs):
 
 
 def where(fn, args):
-    return args[1] if fn == "safe_save_file" else args[0]
+    return args[1] if fn in ("safe_save_file", "save") else args[0]
 
 
 class Points:
@@ -98,6 +99,31 @@ def two_steps(toy, tmp_path_factory):
     return path
 
 
+def saved_step(out):
+    """The step of the newest checkpoint in out that holds every file its complete.json lists."""
+    steps = [0]
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        try:
+            marker = json.load(open(out / name / "complete.json"))
+            whole = all(os.path.getsize(out / name / f) == n for f, n in marker["files"].items())
+        except (OSError, ValueError):
+            continue
+        steps += [marker["step"]] if whole else []
+    return max(steps)
+
+
+def trained_steps(monkeypatch, record):
+    """Each step a process forked from here trains, appended to record."""
+    forward_backward = llava_kd.forward_backward
+
+    def recorded(a, r, micro, counts, ddp, device, step):
+        with open(record, "a") as f:
+            f.write(f"{step + 1}\n")
+        return forward_backward(a, r, micro, counts, ddp, device, step)
+
+    monkeypatch.setattr(llava_kd, "forward_backward", recorded)
+
+
 def logged(out):
     path = out / "log.jsonl"
     return [json.loads(line)["step"] for line in open(path)] if path.exists() else []
@@ -129,12 +155,19 @@ def test_every_write_of_a_stage_crashed_in_turn_then_the_same_command_ends_as_un
             errors = [x for x in output.splitlines() if x.startswith("error")]
             assert run.returncode == 1 and "Traceback" not in output, (what, output[-2000:])
             assert len(errors) == 1 and "o space left on" in errors[0], (what, output[-2000:])
-        if (out / "done.json").exists():  # a stage marked done has its whole output
+        done = (out / "done.json").exists()
+        if done:  # a stage marked done has its whole output
             got = weights(out)
             assert all(torch.equal(got[k], want[k]) for k in want), what
-        again = Forked(command(toy, ckpts, out, two_steps), {})
-        (output,) = ended([again])
+        kept = 2 if done else saved_step(out)
+        record = tmp_path / f"{fault}{i}.trained"
+        with monkeypatch.context() as m:
+            trained_steps(m, record)
+            again = Forked(command(toy, ckpts, out, two_steps), {})
+            (output,) = ended([again])
         assert again.returncode == 0, (what, output[-2000:])
+        trained = record.read_text().split() if record.exists() else []
+        assert trained == [str(s) for s in range(kept + 1, 3)], (what, kept, trained)  # no more
         got = weights(out)
         assert all(torch.equal(got[k], want[k]) for k in want), what
         assert logged(out) == [1, 2], what
