@@ -554,11 +554,9 @@ def stage_loss(
             z_v = vision_features(model, b["pixel_values"])
         h_t = w_t = None
         if teacher is not None:
-            z_t = (
-                z_v  # a student that kept its own tower: the teacher reads the images with its own
-            )
-            if z_v is not None and teacher.model.vision_tower is not model.model.vision_tower:
-                z_t = vision_features(teacher, b["pixel_values"])
+            # a student that kept its own tower: the teacher reads the images with its own
+            own = teacher.model.vision_tower is not model.model.vision_tower
+            z_t = vision_features(teacher, b["pixel_values"]) if own and z_v is not None else z_v
             h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_t)
             w_t = teacher.lm_head.weight
     ids, mask = b["input_ids"], b["attention_mask"]
@@ -851,17 +849,8 @@ def main(argv=None):
     a = runtime.parser(__doc__, list(STAGES)).parse_args(argv)
     try:
         train(a)
-    except data.UserError as e:  # the user's to fix: the message alone, exit 1
-        runtime.stop(e)
-    except OSError as e:  # a full disk while the log or the output is written
-        if not runtime.full_disk(e, a.out):
-            raise
-        runtime.stop(
-            data.UserError(
-                f"no space left on the device of {a.out} ({e.filename}); the last complete "
-                f"checkpoint is kept: make space, then run the same command"
-            )
-        )
+    except (data.UserError, OSError) as e:  # the user's to fix (a full disk too): one line, exit 1
+        runtime.stop(e, a.out)
     finally:
         runtime.cleanup()  # the signal handlers and --out's lock
 

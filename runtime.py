@@ -145,10 +145,18 @@ def cleanup():
 atexit.register(cleanup)
 
 
-def stop(error):
+def stop(error, out):
     """Exit 1 with `error: message`. An agreed error is printed by rank 0 alone, and every process
     waits for that before it exits (torchrun stops every process as soon as one exits). Any other is
-    this process's own: it says so with its rank, and torchrun stops the rest."""
+    this process's own: it says so with its rank, and torchrun stops the rest. An OSError is one
+    only when the disk of `out` is full; any other is raised again, with its traceback."""
+    if isinstance(error, OSError):
+        if not full_disk(error, out):
+            raise error
+        error = data.UserError(
+            f"no space left on the device of {out} ({error.filename}); the last complete "
+            f"checkpoint is kept: make space, then run the same command"
+        )
     if not dist.is_initialized():
         raise SystemExit(f"error: {error}") from None
     rank = dist.get_rank()

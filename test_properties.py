@@ -290,53 +290,6 @@ def test_the_length_check_is_exact_at_the_boundary(toy, ckpts):
     data.NOTES.clear()
 
 
-def test_train_sh_chains_the_real_recipes_stages(tmp_path):
-    """The real recipe's commands, recorded by a stand-in Python: each stage's --init is the stage
-    before it, dpt and dft learn from the SFT'd teacher, pt/dpt read PT_DATA, sft/dft SFT_DATA."""
-    record = tmp_path / "commands"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/bash\necho "$@" >> {record}\n')
-    fake.chmod(0o755)
-    env = dict(
-        os.environ,
-        PYTHON=str(fake),
-        OUT="O",
-        NGPU="2",
-        VISION="V",
-        TEACHER_LLM="TL",
-        STUDENT_LLM="SL",
-        PT_DATA="P.json",
-        PT_IMAGES="PI",
-        SFT_DATA="S.json",
-        SFT_IMAGES="SI",
-        BATCH="4",
-        EXTRA="--x",
-    )
-    for teacher in (None, "T"):
-        record.unlink(missing_ok=True)
-        run_env = dict(env, **({"TEACHER": teacher} if teacher else {}))
-        subprocess.run(["bash", "train.sh"], cwd=ROOT, env=run_env, check=True, capture_output=True)
-        cmds = record.read_text().splitlines()
-        wrapped = [c.split(" llava_kd.py train ")[1].replace(f"{tmp_path}/", "") for c in cmds]
-        pt, sft = "--data P.json --images PI --batch_size 4 --x", "--data S.json --images SI"
-        sft += " --batch_size 4 --x"
-        kd = teacher or "O/teacher"
-        want = [
-            f"--stage dpt {pt} --vision V --llm SL --teacher {kd} --out O/student-dpt",
-            f"--stage sft {sft} --init O/student-dpt --out O/student-dpt-sft --fsdp",
-            f"--stage dft {sft} --init O/student-dpt-sft --teacher {kd} --out "
-            f"O/student-llava-kd --fsdp",
-        ]
-        if not teacher:
-            want = [
-                f"--stage pt {pt} --vision V --llm TL --out O/teacher-pt",
-                f"--stage sft {sft} --init O/teacher-pt --out O/teacher --fsdp",
-            ] + want
-        assert wrapped == [w + " --auto_resume" for w in want]
-        # through torchrun's stand-in (runtime.py) on 2 processes
-        assert all(c.startswith("runtime.py --standalone --nproc_per_node=2 ") for c in cmds)
-
-
 def test_padding_is_never_an_answer_nor_attended(toy, ckpts):
     """collate right-pads: padded positions carry -100 labels, the pad id and attention 0, so no
     loss row ever predicts or attends padding, whatever the pad id."""
