@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llava_kd
-import runtime
+import memory
 
 # dense peak FLOP/s by the product's dtype, and memory bandwidth (bytes/s), from the vendors' sheets
 GPUS = {
@@ -108,7 +108,7 @@ def main():
     )
     ap.add_argument("--visual", type=int, default=729)
     ap.add_argument("--answer", type=int, default=150)
-    ap.add_argument("--block", type=int, default=runtime.LOSS_BLOCK["cuda"], help="logits a block")
+    ap.add_argument("--block", type=int, default=memory.LOSS_BLOCK["cuda"], help="logits a block")
     ap.add_argument("--gpu", choices=GPUS, default="h100")
     ap.add_argument(
         "--device", choices=("meta", "cpu"), default="meta", help="cpu: this CPU's path, run"

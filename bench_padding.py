@@ -4,7 +4,7 @@
 
 Lengths are drawn, not read: 6.2% text-only samples (mix665k's ~41k ShareGPT conversations: a
 log-normal of median ~500 tokens) and the rest an image's 729 tokens plus a short answer or a few
-turns (log-normal, median ~70 tokens, a long tail). The loop's own order (runtime.epoch_order) of 8
+turns (log-normal, median ~70 tokens, a long tail). The loop's own order (data.epoch_order) of 8
 processes, micro-batches of 8, global batch 128; the padding is the share of a micro-batch's tokens
 (its longest sample's length times its samples) that no sample fills. Printed over draws of the
 lengths and the seed, with their spread.
@@ -14,7 +14,7 @@ import argparse
 import random
 import statistics
 
-import runtime
+import data
 
 
 class Lengths:
@@ -38,7 +38,7 @@ def padding(ds, grouped, seed, world=8, batch=8, global_batch=128):
     length = [len(c[0]["value"]) // 4 + (im is not None) * image for _, im, c in ds.rows]
     real = padded = 0
     for rank in range(world):
-        order = runtime.epoch_order(ds, global_batch, batch, world, rank, seed, 0, grouped)
+        order = data.epoch_order(ds, global_batch, batch, world, rank, seed, 0, grouped)
         for j in range(0, len(order), batch):
             micro = [length[i] for i in order[j : j + batch]]
             real += sum(micro)

@@ -32,8 +32,10 @@ import torch
 import transformers
 from PIL import Image
 
+import checkpoints
 import llava_kd
-import runtime
+import memory
+import models
 import toy
 
 VISION = dict(
@@ -103,8 +105,8 @@ def setup(d, layers, n_samples, text_tokens, student="0.5b"):
         transformers.Qwen2ForCausalLM(cfg).save_pretrained(f"{d}/{name}")
         tok.save_pretrained(f"{d}/{name}")
     for name, llm in (("teacher", "teacher_llm"), ("student", "student_llm")):
-        runtime.save_checkpoint_files(
-            *llava_kd.build_student(f"{d}/vision", f"{d}/{llm}"), f"{d}/{name}"
+        checkpoints.save_checkpoint_files(
+            *models.build_student(f"{d}/vision", f"{d}/{llm}"), f"{d}/{name}"
         )
     os.makedirs(f"{d}/images", exist_ok=True)
     rows = []
@@ -173,8 +175,8 @@ def plan_table(batch, max_length, world):
         for fsdp in (False, True):
             accum = 128 // (batch * world)  # Table A9's global batch of sft/dft
             plan = (batch, max_length, world, True, fsdp, 0.5, world, accum)
-            rows = runtime.memory_plan(student, teacher, *plan)
-            cells += [runtime.plan_total(rows, c, cuda=True) / 2**30 for c in (False, True)]
+            rows = memory.memory_plan(student, teacher, *plan)
+            cells += [memory.plan_total(rows, c, cuda=True) / 2**30 for c in (False, True)]
         print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 

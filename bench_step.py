@@ -15,6 +15,7 @@ import torch
 
 import data
 import llava_kd
+import models
 import toy as toy_setup
 
 
@@ -28,9 +29,9 @@ def main():
     if not a.toy:
         toy_setup.make_toy(toy)
     torch.manual_seed(0)
-    teacher, t_proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
+    teacher, t_proc = models.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
     teacher.eval().requires_grad_(False)
-    model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
+    model, proc = models.build_student(f"{toy}/vision", f"{toy}/student_llm")
     model.model.vision_tower = teacher.model.vision_tower
     llava_kd.apply_stage(model, "dft")
     ds = data.LlavaDataset(

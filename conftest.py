@@ -12,6 +12,9 @@ import pytest  # noqa: E402
 import tqdm  # noqa: E402
 import transformers  # noqa: E402
 
+import checkpoints
+import models
+
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 # no tqdm monitor thread: test_train.Forked forks this process, and a lock that the thread held at
@@ -34,14 +37,11 @@ def ckpts(toy, tmp_path_factory):
     """An (untrained) teacher and student LLaVA checkpoint built from the toy parts."""
     import torch
 
-    import llava_kd
-    import runtime
-
     out = tmp_path_factory.mktemp("ckpts")
     for name in ("teacher", "student"):
         torch.manual_seed(0)
-        model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
-        runtime.save_checkpoint_files(model, proc, out / name)
+        model, proc = models.build_student(f"{toy}/vision", f"{toy}/{name}_llm")
+        checkpoints.save_checkpoint_files(model, proc, out / name)
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-import data
+import chat
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -57,7 +57,7 @@ TEMPLATES = {
 
 
 def chat_template(name):
-    """TinyLLaVA's template `name` as a Jinja chat template (data.prepare_chat makes it take typed
+    """TinyLLaVA's template `name` as a Jinja chat template (chat.prepare_chat makes it take typed
     content too). As data/template/base.py writes a question that holds <image>: the tag removed,
     the rest stripped, "<image>\n" put first, and the whole stripped again."""
     if name == "pretrain":
@@ -289,7 +289,7 @@ def convert(src, out, image_processor_dir=None, template=None):
     model.generation_config = transformers.GenerationConfig(pad_token_id=tok.pad_token_id)
     # the template takes string and typed content; the token that ends its answers becomes eos
     # (pretrain: "\n")
-    data.prepare_chat(proc, model.generation_config, src, end_is_eos=template != "pretrain")
+    chat.prepare_chat(proc, model.generation_config, src, end_is_eos=template != "pretrain")
     if template == "pretrain":
         model.generation_config.eos_token_id = [
             tok.convert_tokens_to_ids(tok.tokenize("\n"))[0],

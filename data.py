@@ -5,30 +5,22 @@ A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "huma
 human turn.
 """
 
+import functools
 import hashlib
 import json
 import os
+import signal
 
 import torch
+import transformers
 from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+import chat
+import errors
+import signals
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
-
-
-class UserError(ValueError):
-    """A mistake the user can fix (a flag, a path, the data): its message alone, no traceback."""
-
-
-NOTES = []  # this process's (text, sample ids): runtime.print_notes prints each once a run
-
-
-def note(text, ids=()):
-    """{n} in text: the count of every process's ids (each checks a share); {ids}: five of them."""
-    NOTES.append((text, list(ids)))
-
-
-class DataError(UserError):
-    pass
 
 
 def image_seq_length(processor):
@@ -42,7 +34,7 @@ def image_seq_length(processor):
 
 
 def read_samples(json_path, image_folder, rank=0, world=1):
-    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One DataError
+    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One UserError
     names the file and lists every bad sample id; a missing or misplaced <image> is put at the start
     of the first turn. Each of `world` processes opens the image headers of its share of samples.
     A JSON list, or JSON Lines (one sample a line); a UTF-8 byte order mark is skipped."""
@@ -56,10 +48,12 @@ def read_samples(json_path, image_folder, rank=0, world=1):
                 raise  # with an error in it: say where
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
     except (OSError, ValueError) as e:
-        raise DataError(f"{json_path}: not a readable LLaVA JSON list of samples ({e})") from e
+        raise errors.UserError(
+            f"{json_path}: not a readable LLaVA JSON list of samples ({e})"
+        ) from e
     if not isinstance(rows, list):
         found = f"an object with keys {list(rows)[:8]}" if isinstance(rows, dict) else repr(rows)
-        raise DataError(
+        raise errors.UserError(
             f'{json_path}: {found[:200]}, where a JSON list of samples belongs ([{{"id", '
             f'"image", "conversations"}}, ...]; or JSON Lines, one sample a line)'
         )
@@ -67,12 +61,12 @@ def read_samples(json_path, image_folder, rank=0, world=1):
     for i, row in enumerate(rows):
         try:
             samples.append(_check(row, i, image_folder, moved, i % world == rank))
-        except DataError as e:
+        except errors.UserError as e:
             problems.append(str(e))
     if len(problems) == 1:
-        raise DataError(f"{json_path}: {problems[0]}")
+        raise errors.UserError(f"{json_path}: {problems[0]}")
     if problems:
-        raise DataError(
+        raise errors.UserError(
             f"{json_path}: {len(problems)} bad sample(s), fix or remove them:\n  "
             + "\n  ".join(problems[:20])
             + ("\n  ..." if len(problems) > 20 else "")
@@ -94,37 +88,41 @@ def _check(row, i, image_folder, moved, open_image):
     sid = row.get("id", f"#{i}") if isinstance(row, dict) else f"#{i}"
     conv = row.get("conversations") if isinstance(row, dict) else None
     if not conv:
-        raise DataError(f"sample {sid}: empty or missing 'conversations'")
+        raise errors.UserError(f"sample {sid}: empty or missing 'conversations'")
     if len(conv) % 2 or any(
         not isinstance(c, dict)
         or c.get("from") != ("human", "gpt")[j % 2]
         or not isinstance(c.get("value"), str)
         for j, c in enumerate(conv)
     ):
-        raise DataError(
+        raise errors.UserError(
             f"sample {sid}: turns must alternate human/gpt, start with human, end with gpt"
         )
     for c in conv:
         try:
             c["value"].encode("utf-8")
         except UnicodeEncodeError as e:
-            raise DataError(f"sample {sid}: text that is not valid Unicode ({e.reason})") from None
+            raise errors.UserError(
+                f"sample {sid}: text that is not valid Unicode ({e.reason})"
+            ) from None
     if any(not c["value"].strip() for c in conv[1::2]):
-        raise DataError(f"sample {sid}: an empty answer (it would train on the end token alone)")
+        raise errors.UserError(
+            f"sample {sid}: an empty answer (it would train on the end token alone)"
+        )
     conv = [dict(c) for c in conv]
     n_tags = sum(c["value"].count("<image>") for c in conv)
     image = row.get("image")
     if image is None:
         if n_tags:
-            raise DataError(f"sample {sid}: <image> in the text of a sample with no 'image'")
+            raise errors.UserError(f"sample {sid}: <image> in the text of a sample with no 'image'")
         return sid, None, conv
     if not isinstance(image, str) or n_tags > 1:
-        raise DataError(
+        raise errors.UserError(
             f"sample {sid}: one image per sample is supported ('image' must be one path)"
         )
     path = os.path.join(image_folder, image)
     if open_image and not os.path.isfile(path):
-        raise DataError(
+        raise errors.UserError(
             f"sample {sid}: image file {path} not found (is --images the folder the paths "
             f"in the JSON are relative to?)"
         )
@@ -147,124 +145,12 @@ def check_image(path, sid):
         with Image.open(path) as im:
             width, height = im.size
     except (OSError, Image.DecompressionBombError) as e:
-        raise DataError(f"sample {sid}: image file {path} cannot be read ({e})") from None
+        raise errors.UserError(f"sample {sid}: image file {path} cannot be read ({e})") from None
     if width * height > Image.MAX_IMAGE_PIXELS:
-        raise DataError(
+        raise errors.UserError(
             f"sample {sid}: image file {path} has {width * height / 1e6:.0f} megapixels, above "
             f"PIL's limit for untrusted images ({Image.MAX_IMAGE_PIXELS / 1e6:.0f}): resize it"
         )
-
-
-# Chat templates. Clients pass a turn's content as a string ("<image>\nWhat is it?": lmms-eval's
-# llava_hf) or typed ([{"type": "image"}, {"type": "text", "text": ...}]: transformers' pipeline,
-# VLMEvalKit); LLM tokenizers' templates take only strings, llava-hf's only typed content. Every
-# template saved here takes both: one of these preludes rewrites the messages into the form the
-# template underneath reads.
-TYPED_AS_STRING = (  # image parts first, "<image>\n" each, then the text parts: LLaVA's own layout
-    "{%- set ns = namespace(m=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}"
-    "{%- set ns.m = ns.m + [m] -%}"
-    "{%- else -%}"
-    "{%- set c = namespace(s='') -%}"
-    "{%- for p in m['content'] if p['type'] == 'image' -%}"
-    "{%- set c.s = c.s + '<image>\\n' -%}"
-    "{%- endfor -%}"
-    "{%- for p in m['content'] if p['type'] == 'text' -%}"
-    "{%- set c.s = c.s + p['text'] -%}"
-    "{%- endfor -%}"
-    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.s}] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set messages = ns.m -%}"
-)
-STRING_AS_TYPED = (  # one image part per "<image>", then the text without them
-    "{%- set ns = namespace(m=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}"
-    "{%- set c = namespace(p=[]) -%}"
-    "{%- for i in range(m['content'].count('<image>')) -%}"
-    "{%- set c.p = c.p + [{'type': 'image'}] -%}"
-    "{%- endfor -%}"
-    "{%- set c.p = c.p + [{'type': 'text', "
-    "'text': m['content'].replace('<image>\\n', '').replace('<image>', '')}] -%}"
-    "{%- set ns.m = ns.m + [{'role': m['role'], 'content': c.p}] -%}"
-    "{%- else -%}"
-    "{%- set ns.m = ns.m + [m] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set messages = ns.m -%}"
-)
-PROBE = {
-    "string": [
-        {"role": "user", "content": "<image>\nQUESTION"},
-        {"role": "assistant", "content": "ANSWER"},
-    ],
-    "typed": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "QUESTION"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "ANSWER"}]},
-    ],
-}
-
-
-def render(tok, template, messages, generation_prompt=False):
-    return tok.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-    )
-
-
-def chat_template_both_forms(tok, template, where):
-    """template, or template behind a prelude that renders string and typed content alike."""
-
-    def renders(t, form):
-        try:
-            text = render(tok, t, PROBE[form])
-        except Exception:  # a template written for the other form may fail on this one
-            return None
-        return text if "<image>" in text and "ANSWER" in text else None
-
-    for t in (template, TYPED_AS_STRING + template, STRING_AS_TYPED + template):
-        if renders(t, "string") is not None and renders(t, "string") == renders(t, "typed"):
-            return t
-    raise UserError(
-        f"{where}: its chat template renders neither string nor typed content as a LLaVA prompt "
-        f"(<image>, then the question); give it one that does"
-    )
-
-
-def prepare_chat(processor, generation_config, where, end_is_eos=False):
-    """One chat template on processor and tokenizer alike, taking both content forms; the token that
-    ends an assistant turn in it (<|im_end|> in ChatML) becomes the generation config's first eos id
-    and, for the chat stages (end_is_eos), the tokenizer's eos: a client that stops on
-    tokenizer.eos_token_id (lmms-eval) then stops where training ended every answer. Qwen's chat
-    models ship so (eos <|im_end|>); a base LLM's tokenizer says <|endoftext|>, which ChatML never
-    emits after an answer. pt/dpt keep it: captions end on <|endoftext|>."""
-    tok = processor.tokenizer
-    template = processor.chat_template or tok.chat_template
-    if template is None:  # allowed for pt/dpt; LlavaDataset stops sft/dft on it
-        return
-    template = chat_template_both_forms(tok, template, where)
-    processor.chat_template = tok.chat_template = template
-    text = render(tok, template, PROBE["string"])
-    answer_end = text[text.rindex("ANSWER") + len("ANSWER") :]
-    after = tok(answer_end, add_special_tokens=False)["input_ids"][:1]  # the token ending a turn
-    added_special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    special = set(tok.all_special_ids) | added_special
-    if not (after and after[0] in special):
-        if end_is_eos:
-            raise UserError(
-                f"{where}: its chat template ends an assistant turn without a special token, so no "
-                f"generation could stop there; use a template that ends turns with one (eos, "
-                f"<|im_end|>)"
-            )
-        return
-    if end_is_eos:
-        tok.eos_token = tok.convert_ids_to_tokens(after[0])
-    old = generation_config.eos_token_id
-    old = [] if old is None else [old] if isinstance(old, int) else list(old)
-    generation_config.eos_token_id = after + [i for i in dict.fromkeys(old) if i != after[0]]
-    if generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tok.pad_token_id
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -282,7 +168,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.n_image_tokens = image_seq_length(processor)
         self.template = processor.chat_template or self.tok.chat_template
         if chat and not self.template:
-            raise DataError(
+            raise errors.UserError(
                 f"{json_path}: sft/dft render conversations with the model's chat template, and "
                 f"its processor and tokenizer have none"
             )
@@ -313,17 +199,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         where = f"{self.json_path}: {{n}} sample(s) have no answer token within --max_length"
         where += f" {self.max_length}"
         if refused and not drop:
-            raise DataError(
+            raise errors.UserError(
                 f"{where.replace('{n}', str(len(refused)))}: {', '.join(refused[:10])}"
                 f"{' ...' if len(refused) > 10 else ''}; raise --max_length, remove them, or leave "
                 f"them out with --drop_too_long"
             )
         if left_out:
             ids = [self.rows[i][0] for i in left_out]
-            note(f"note: {where}: left out (--drop_too_long), e.g. {{ids}}", ids)
+            errors.note(f"note: {where}: left out (--drop_too_long), e.g. {{ids}}", ids)
         if cut:
             limit = f"--max_length {self.max_length} (their end token is not trained)"
-            note(f"note: {self.json_path}: {{n}} answer(s) cut short by {limit}, e.g. {{ids}}", cut)
+            errors.note(
+                f"note: {self.json_path}: {{n}} answer(s) cut short by {limit}, e.g. {{ids}}", cut
+            )
         return left_out
 
     def _plain(self, conv, has_image):
@@ -337,13 +225,13 @@ class LlavaDataset(torch.utils.data.Dataset):
             {"role": ("user", "assistant")[j % 2], "content": c["value"]}
             for j, c in enumerate(conv)
         ]
-        text, spans = render(self.tok, self.template, msgs), []
+        text, spans = chat.render(self.tok, self.template, msgs), []
         # the character span of each assistant answer and its end-of-turn token
         for j in range(1, len(msgs), 2):
-            start = len(render(self.tok, self.template, msgs[:j], generation_prompt=True))
-            upto = render(self.tok, self.template, msgs[: j + 1])
+            start = len(chat.render(self.tok, self.template, msgs[:j], generation_prompt=True))
+            upto = chat.render(self.tok, self.template, msgs[: j + 1])
             if not text.startswith(upto):
-                raise DataError(
+                raise errors.UserError(
                     "the chat template does not render a conversation's turns as prefixes of it"
                 )
             spans.append((start, start + len(upto[start:].rstrip())))
@@ -362,7 +250,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if image is not None:
             k, n = ids.index(self.image_token_id), self.n_image_tokens
             if k + n >= self.max_length:
-                raise DataError(
+                raise errors.UserError(
                     f"--max_length {self.max_length} leaves no room for text after the {n} image "
                     f"tokens of sample {sid} in {self.json_path}: raise --max_length"
                 )
@@ -409,3 +297,121 @@ def collate(rows, pad_token_id):
     out["pixel_values"] = torch.stack(images) if images else None
     out["errors"] = []
     return out
+
+
+def loader_batches(loader):
+    """The loader's batches. A worker that dies (the host's OOM killer takes them first) is found
+    when its batch is due (the loader checks its workers while it waits), not by torch's SIGCHLD
+    handler, which would raise anywhere in the step; so the loop can stop at the last whole step."""
+    batches = iter(loader)
+    if loader.num_workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield from batches
+
+
+def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False):
+    """This process's sample indices of one epoch, in order, from the seed and the epoch alone (so a
+    resumed run sees what an uninterrupted one would): the epoch's floor(N / global_batch) optimizer
+    steps, every sample in at most one. Shuffled as DistributedSampler shuffles; grouped, as LLaVA's
+    group_by_modality_length: samples with an image and text-only ones apart, each optimizer step's
+    samples sorted by length, so a micro-batch (and the same micro-step on every process) pads
+    to lengths alike."""
+    if not grouped:
+        sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(ds), generator=g).tolist()
+    # a length from the text alone (characters / 4) and the image's tokens: no tokenizing
+    length = [
+        sum(len(t["value"]) for t in conv) // 4 + (image is not None) * ds.n_image_tokens
+        for _, image, conv in ds.rows
+    ]
+    kinds = [[i for i in perm if (ds.rows[i][1] is None) == text] for text in (False, True)]
+    steps, rest = [], []
+    for kind in kinds:  # whole optimizer steps of one kind
+        whole = len(kind) // global_batch * global_batch
+        steps += [kind[s : s + global_batch] for s in range(0, whole, global_batch)]
+        rest += kind[whole:]
+    whole = len(rest) // global_batch * global_batch  # then what is left of both, mixed
+    steps += [rest[s : s + global_batch] for s in range(0, whole, global_batch)]
+    order = []
+    for k in torch.randperm(len(steps), generator=g).tolist():
+        step = sorted(steps[k], key=lambda i: -length[i])  # micro-batch j: process j % world
+        micro = [step[j : j + batch] for j in range(0, global_batch, batch)]
+        order += [i for m in micro[rank::world] for i in m]
+    return order
+
+
+def loader_workers(asked):
+    """--workers, or the CPUs this process may run on, shared by its node's processes, less one for
+    the process itself, 8 at most (an image takes ~22 ms to decode and process: 8 a micro-batch)."""
+    if asked is not None:
+        return asked
+    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cpus - 1))
+
+
+def micro_batches(ds, order_of, per_step, steps_per_epoch, step, loader):
+    """This process's micro-batches from optimizer step `step` on: order_of(epoch) is this
+    process's indices of an epoch (epoch_order), per_step how many of them a step takes; loader
+    holds the DataLoader's other arguments (loader_options). The order depends only on the seed
+    and the epoch, so a resumed run sees what an uninterrupted one would have."""
+    while True:
+        epoch, skip = divmod(step, steps_per_epoch)
+        order = order_of(epoch)[skip * per_step : steps_per_epoch * per_step]
+        yield from loader_batches(torch.utils.data.DataLoader(ds, sampler=order, **loader))
+        step = (epoch + 1) * steps_per_epoch
+
+
+def loader_options(batch_size, pad_token_id, workers, pin):
+    """The DataLoader's arguments: micro-batches collated with this pad id, loader_workers(workers)
+    processes that leave the signals to the training process, pinned memory on CUDA (copied
+    without the host waiting)."""
+    return dict(
+        batch_size=batch_size,
+        collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+        num_workers=loader_workers(workers),
+        worker_init_fn=signals.ignore_signals,
+        pin_memory=pin,
+    )
+
+
+def take(batches, n):
+    """The next n micro-batches, or one that names a dead loader worker as its error: the loader
+    says so, or, when the worker died while handing over a batch's shared memory, the connection
+    to it breaks."""
+    try:
+        return [next(batches) for _ in range(n)]
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, RuntimeError) and not first.startswith("DataLoader worker"):
+            raise
+        died = first if isinstance(e, RuntimeError) else f"a DataLoader worker died ({e!r})"
+        why = f"{died} (if the host ran out of memory: fewer --workers)"
+        return [dict(errors=[why], fix="--resume")]
+
+
+def check_lengths(source, a, is_chat, samples, rank, world):
+    """Every answer's length (LlavaDataset.check_lengths) with the processor of the checkpoint
+    `source` alone: no weights read."""
+    processor = transformers.AutoProcessor.from_pretrained(source)
+    chat.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=is_chat)
+    ds = LlavaDataset(a.data, a.images, processor, is_chat, a.max_length, samples)
+    return ds.check_lengths(rank, world, a.drop_too_long)
+
+
+def leave_out(ds, indices, global_batch, out, master):
+    """--drop_too_long: the samples that check_lengths left out (every process's), gone from ds on
+    every process alike; their ids in out/left_out.json."""
+    gone = set(indices)
+    ids = [row[0] for i, row in enumerate(ds.rows) if i in gone]
+    ds.rows = [row for i, row in enumerate(ds.rows) if i not in gone]
+    if master:
+        with open(os.path.join(out, "left_out.json"), "w") as f:
+            json.dump(ids, f)
+    if len(ds) < global_batch:
+        raise errors.agreed_error(
+            f"{ds.json_path}: {len(ds)} samples are left, fewer than one global batch "
+            f"({global_batch}), once --drop_too_long left out {len(ids)}"
+        )

@@ -14,6 +14,7 @@ data.py; the flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,8 +28,15 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import chat
+import checkpoints
 import data
-import runtime
+import errors
+import flags
+import memory
+import models
+import processes
+import signals
 
 # --------------------------------------------------------------------------------------------------
 # Losses (paper Sec. 3), plain tensors in: copy this section as is. logits [B, T, V]; labels [B, T],
@@ -322,109 +330,6 @@ class _GivenGradients(torch.autograd.Function):
 # -> LLM. Every checkpoint written here loads with stock from_pretrained; any HF LLaVA can teach.
 
 
-def load_vision(path):
-    """A SigLIP or CLIP checkpoint, or the vision tower of a LLaVA one -> (tower, image processor,
-    vision_feature_layer, vision_feature_select_strategy, extra tokens such as CLS)."""
-    cfg = transformers.AutoConfig.from_pretrained(path)
-    if cfg.model_type == "llava":
-        proc = transformers.AutoProcessor.from_pretrained(path)
-        tower = runtime.tower_from_llava(path, cfg)
-        layer = cfg.vision_feature_layer
-        strategy = cfg.vision_feature_select_strategy
-        return tower, proc.image_processor, layer, strategy, proc.num_additional_image_tokens
-    towers = {
-        "siglip": transformers.SiglipVisionModel,
-        "siglip_vision_model": transformers.SiglipVisionModel,
-        "clip": transformers.CLIPVisionModel,
-        "clip_vision_model": transformers.CLIPVisionModel,
-    }
-    if cfg.model_type not in towers:
-        raise data.UserError(
-            f"--vision {path}: a SigLIP, CLIP or LLaVA checkpoint is needed, not {cfg.model_type}"
-        )
-    tower = runtime.loaded(towers[cfg.model_type], path, dtype=torch.float32)
-    image_processor = transformers.AutoImageProcessor.from_pretrained(path)
-    # CLIP has a CLS token, which LLaVA-1.5 drops ("default"). SigLIP has none: "full" keeps all
-    # 27 x 27 = 729 patch tokens at 384 px (the public code drops one).
-    clip = towers[cfg.model_type] is transformers.CLIPVisionModel
-    strategy = "default" if clip else "full"
-    return tower, image_processor, -2, strategy, int(clip)
-
-
-def build_student(vision_path, llm_path):
-    """A new LLaVA from a pretrained vision tower and causal LM, with a new projector; float32."""
-    tower, image_processor, layer, strategy, extra = load_vision(vision_path)
-    llm = runtime.loaded(transformers.AutoModelForCausalLM, llm_path, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(llm_path)
-    if "<image>" not in tok.get_vocab():
-        tok.add_tokens(["<image>"], special_tokens=True)
-    if tok.pad_token is None:  # Llama has none; padding is known by the attention mask, not its id
-        tok.pad_token = tok.unk_token or tok.eos_token
-    if len(tok) > llm.config.vocab_size:
-        llm.resize_token_embeddings(len(tok))
-    config = transformers.LlavaConfig(
-        vision_config=tower.config,
-        text_config=llm.config,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=llm.config.tie_word_embeddings,
-    )
-    with torch.device("meta"):  # a shell: the pretrained parts are put in below
-        model = transformers.LlavaForConditionalGeneration(config)
-    model.model.vision_tower = tower
-    model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
-    projector = transformers.models.llava.modeling_llava.LlavaMultiModalProjector(config)
-    model.model.multi_modal_projector = projector  # new, initialised from the seed
-    model.generation_config = llm.generation_config
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        image_token="<image>",
-        num_additional_image_tokens=extra,
-        chat_template=tok.chat_template,
-    )
-    config.image_seq_length = data.image_seq_length(processor)
-    data.prepare_chat(processor, model.generation_config, llm_path)
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    meta = [name for name, p in tensors if p.is_meta]
-    if meta:
-        raise RuntimeError(f"student from {vision_path} + {llm_path}: not loaded: {meta[:5]}")
-    return model, processor
-
-
-def load_llava(path, dtype=None):
-    """Any LLaVA checkpoint directory in HF format (a teacher, or a previous stage's output)."""
-    model = runtime.loaded(transformers.LlavaForConditionalGeneration, path, dtype=dtype)
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    data.prepare_chat(processor, model.generation_config, path)
-    return model, processor
-
-
-def load_teacher(path, student, s_proc, dtype=None, new_student=False):
-    """The teacher: frozen, in eval mode, checked against the student. The two share one vision
-    tower where they can (runtime.share_tower; the paper shares the visual encoder). Both read the
-    same token ids, so the teacher reads the student's chat format: a new student takes the
-    teacher's."""
-    teacher, t_proc = load_llava(path, dtype)
-    teacher.eval().requires_grad_(False)
-    runtime.check_compatible(teacher, t_proc, student, s_proc)
-    if new_student and t_proc.chat_template:
-        s_proc.chat_template = s_proc.tokenizer.chat_template = t_proc.chat_template
-        data.prepare_chat(s_proc, student.generation_config, path)
-    runtime.note_chat_formats(s_proc, t_proc, path)
-    if teacher.model.vision_tower.dtype != torch.float32:  # the tower as stored, not bf16-rounded:
-        # the student trains beside it and saves it
-        tower = runtime.tower_from_llava(path, teacher.config).eval().requires_grad_(False)
-        teacher.model.vision_tower = tower
-    runtime.share_tower(student, teacher, path, new_student)
-    return teacher
-
-
 def vision_features(model, pixel_values):
     """Z_v: the frozen vision tower's selected hidden states, before the projector. Teacher and
     student share the tower, so this is computed once a batch and handed to both projectors."""
@@ -524,7 +429,7 @@ class Student(torch.nn.Module):
         m_s = self.m_s[1] if relation else None
         kw = dict(delta=delta, attention_mask=cpu.attention_mask, m_s=m_s, m_t=self.m_t)
         args = (h_s, w_s, cpu.labels, cpu.visual_mask, h_t, w_t, alpha, beta, gamma)
-        return fused_loss(*args, **kw, counts=counts, block=runtime.LOSS_BLOCK[h_s.device.type])
+        return fused_loss(*args, **kw, counts=counts, block=memory.LOSS_BLOCK[h_s.device.type])
 
 
 def teacher_gram(teacher, model):
@@ -598,38 +503,38 @@ def global_counts(micro, image_id, device, ddp, world):
 def check(a, device, world, rank):
     """Everything a run reads before any weights load: flags, data, the checkpoint to resume, the
     memory plan, every answer's length. No collective inside: every process runs it alone (each
-    checks a share of the data), and runtime.agreed stops them all on one error. None: nothing to
+    checks a share of the data), and processes.agreed stops them all on one error. None: nothing to
     train (--plan, or a stage that had finished)."""
     stage = STAGES[a.stage]
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
-    global_batch = runtime.check_flags(a, world, stage, TABLE_A9[a.stage])
+    global_batch = flags.check_flags(a, world, stage, TABLE_A9[a.stage])
     digest = None if a.plan_gpus else data.file_sha256(a.data)
-    if a.auto_resume and not a.plan and runtime.continue_out(a, rank == 0, digest):
+    if a.auto_resume and not a.plan and checkpoints.continue_out(a, rank == 0, digest):
         return None  # finished before: nothing to do
     samples = [] if a.plan_gpus else data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch and not a.plan_gpus:
-        raise data.UserError(
+        raise errors.UserError(
             f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
             f"lower --global_batch_size"
         )
     if not a.plan:
-        runtime.claim_out(a, rank == 0)
-    ckpt = runtime.find_checkpoint(a.out) if a.resume else None
+        checkpoints.claim_out(a, rank == 0)
+    ckpt = checkpoints.find_checkpoint(a.out) if a.resume else None
     source = ckpt or a.init
     # the memory plan, from the configs alone: it stops a run that would not fit before it loads
-    student = runtime.meta_llava(source, a.vision, a.llm)
+    student = memory.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
-    teacher = runtime.meta_llava(a.teacher) if stage["teacher"] else None
+    teacher = memory.meta_llava(a.teacher) if stage["teacher"] else None
     if teacher is not None and source is None:
-        runtime.check_tower_shape(student, teacher, a.vision, a.teacher)
-    runtime.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
+        models.check_tower_shape(student, teacher, a.vision, a.teacher)
+    memory.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
     if a.plan:
         return None
-    state = runtime.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
+    state = checkpoints.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
     if a.resume:  # the same flags as the checkpoint's, but those that may change
-        runtime.check_resume(a, state["args"], digest)
-    chat = stage["chat"]  # every answer's length, with the processor alone
-    left_out = runtime.check_lengths(source, a, chat, samples, rank, world) if source else []
+        checkpoints.check_resume(a, state["args"], digest)
+    # every answer's length, with the processor alone
+    left_out = data.check_lengths(source, a, stage["chat"], samples, rank, world) if source else []
     return global_batch, samples, state, source, left_out, digest
 
 
@@ -638,20 +543,22 @@ def load(a, checked, cuda, world, rank):
     set, the indices of the samples that --drop_too_long leaves out on this process)."""
     stage = STAGES[a.stage]
     _, samples, _, source, left_out, _ = checked
-    runtime.ATTENTION = a.attn_implementation  # of the student and the teacher alike
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
     if source:
-        model, processor = runtime.readable(load_llava, source, torch.float32)
+        model, processor = models.readable(
+            models.load_llava, source, torch.float32, a.attn_implementation
+        )
     else:
-        model, processor = build_student(a.vision, a.llm)
+        model, processor = models.build_student(a.vision, a.llm, a.attn_implementation)
     teacher = None
     if stage["teacher"]:
         dtype = torch.bfloat16 if cuda else torch.float32
         new = source is None
-        teacher = load_teacher(a.teacher, model, processor, dtype, new_student=new)
-    data.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
+        attn = a.attn_implementation
+        teacher = models.load_teacher(a.teacher, model, processor, dtype, new, attn)
+    chat.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
         a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples
     )
@@ -664,18 +571,18 @@ def wire(a, ddp, cuda, device, rank, world):
     """What a stage needs before its first step: the checks (flags and every sample first: a typo
     costs seconds, not a teacher's loading time), the models in their modes, the student wrapped
     (DDP or FSDP2), AdamW, the schedule and the step to resume at. None: nothing to train."""
-    checked = runtime.agreed(check, a, device, world, rank)
-    runtime.print_notes(rank == 0)
+    checked = processes.agreed(check, a, device, world, rank)
+    processes.print_notes(rank == 0)
     if checked is None:  # --plan printed, or the stage had finished
         return None
     global_batch, _, state, _, _, digest = checked
-    model, processor, teacher, ds, left_out = runtime.agreed(load, a, checked, cuda, world, rank)
-    runtime.print_notes(rank == 0)
+    model, processor, teacher, ds, left_out = processes.agreed(load, a, checked, cuda, world, rank)
+    processes.print_notes(rank == 0)
     if a.drop_too_long:
-        runtime.leave_out(ds, runtime.gathered(left_out), global_batch, a.out, rank == 0)
+        data.leave_out(ds, processes.gathered(left_out), global_batch, a.out, rank == 0)
     apply_stage(model, a.stage)
     model.to(device)
-    runtime.hold_frozen_in_bf16(model, cuda)
+    memory.hold_frozen_in_bf16(model, cuda)
     # train mode (from_pretrained gives eval: transformers checkpoints activations only in train
     # mode); the vision tower, frozen and shared with the teacher, stays in eval mode as the teacher
     model.train()
@@ -687,7 +594,7 @@ def wire(a, ddp, cuda, device, rank, world):
     m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     student = Student(model, m_t)
     if a.fsdp:
-        student = runtime.shard(student, model, bf16=cuda)
+        student = processes.shard(student, model, bf16=cuda)
     elif ddp:
         # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
         # unused ones; the gradients live in DDP's buckets (no second copy)
@@ -706,11 +613,11 @@ def wire(a, ddp, cuda, device, rank, world):
     step = 0
     if a.resume:
         if (state["total"], state["global_batch"]) != (total, global_batch):
-            raise runtime.agreed_error(  # every process read the same checkpoint
+            raise errors.agreed_error(  # every process read the same checkpoint
                 f"--resume: the checkpoint in {a.out} was written for {state['total']} steps of "
                 f"{state['global_batch']}, not {total} of {global_batch}: another data size"
             )
-        runtime.load_optimizer(student, opt, state["optimizer"], a.fsdp, names)
+        checkpoints.load_optimizer(student, opt, state["optimizer"], a.fsdp, names)
         step = state["step"]
     return types.SimpleNamespace(
         model=model,
@@ -760,37 +667,42 @@ def forward_backward(a, r, micro, counts, ddp, device, step):
 
 def train(a):
     ckpt = os.path.join(a.out, "checkpoint")
-    preemption = runtime.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
-    ddp, cuda, device, rank, world = runtime.start(a)
+    preemption = signals.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
+    ddp, cuda, device, rank, world = start(a)
     master = rank == 0
     r = wire(a, ddp, cuda, device, rank, world)
     if r is None:
         if ddp:
             dist.destroy_process_group()
         return
-    log = runtime.open_log(a.out, r.step) if master else None
+    log = checkpoints.open_log(a.out, r.step) if master else None
     if master:
         print(
             f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
             f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
             f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
-    batches = runtime.micro_batches(a, r, rank, world, r.step)
+    seed_order = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed)
+    order_of = functools.partial(data.epoch_order, *seed_order, grouped=a.group_by_length)
+    pad_id = r.processor.tokenizer.pad_token_id
+    loader = data.loader_options(a.batch_size, pad_id, a.workers, cuda)
+    per_step = r.accum * a.batch_size
+    batches = data.micro_batches(r.ds, order_of, per_step, r.steps_per_epoch, r.step, loader)
     bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
         preemption.step_begins()
         for group in r.opt.param_groups:
             group["lr"] = lr_at(step, r.total, r.lr, r.table["warmup_ratio"])
-        micro = runtime.take(batches, r.accum)
+        micro = data.take(batches, r.accum)
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
         if failed:  # an image that did not decode or a dead loader worker, on any process: stop
-            runtime.save(a, r, master, step)  # at the last whole step
+            checkpoints.save(a, r, master, step)  # at the last whole step
             fix = "replace the file with a readable image, --resume"
             held = f"{ckpt} holds step {step}"
-            errors = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
-            runtime.agreed(runtime.fail, errors)
+            messages = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
+            processes.agreed(processes.fail, messages)
         # the loss, the five terms, and whether a process was asked to stop
         logged = forward_backward(a, r, micro, counts, ddp, device, step)
         logged[6] = preemption.received is not None
@@ -798,7 +710,7 @@ def train(a):
             dist.all_reduce(logged)
         host = (logged / world).tolist()  # the step's one host sync of the loss
         if not all(map(math.isfinite, host)):  # every process sees the same sums and stops
-            raise runtime.agreed_error(
+            raise errors.agreed_error(
                 f"stage {a.stage}: loss is {host[0]} at step {step + 1}; stopped without "
                 f"saving, the last good checkpoint is in {ckpt}"
             )
@@ -808,7 +720,7 @@ def train(a):
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         r.opt.step()
-        held = runtime.trained_bytes(r.params, r.opt)
+        held = memory.trained_bytes(r.params, r.opt)
         # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the
         # next no_sync micro-step would make fresh ones beside the buckets: a second copy)
         r.opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
@@ -821,23 +733,23 @@ def train(a):
                 grad_norm=grad_norm.item(),
                 seconds=seconds,
                 tokens_per_s=tokens / seconds,
-                peak_gib=runtime.peak_bytes(device) / 2**30,
-                peak_reserved_gib=runtime.peak_reserved_bytes(device) / 2**30,
+                peak_gib=memory.peak_bytes(device) / 2**30,
+                peak_reserved_gib=memory.peak_reserved_bytes(device) / 2**30,
                 trained_gib=held / 2**30,
             )
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
         if step + 1 == r.end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
-            runtime.save(a, r, master, step + 1)
+            checkpoints.save(a, r, master, step + 1)
         if stopping:
             by = preemption.received or "a signal to another process"
-            raise runtime.agreed_error(
+            raise errors.agreed_error(
                 f"stopped by {by} at step {step + 1} of {r.end}; {ckpt} holds it: continue with "
                 f"the same command and --resume (train.sh: the same command)"
             )
     if master:
-        runtime.publish(a.out, r.args, r.end, finished=r.end == r.total)
+        checkpoints.publish(a.out, r.args, r.end, finished=r.end == r.total)
         print(f"stage {a.stage}: done at step {r.end}; model in {a.out}")
     if ddp:
         dist.destroy_process_group()
@@ -846,13 +758,31 @@ def train(a):
 def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    a = runtime.parser(__doc__, list(STAGES)).parse_args(argv)
+    a = flags.parser(__doc__, list(STAGES)).parse_args(argv)
     try:
         train(a)
-    except (data.UserError, OSError) as e:  # the user's to fix (a full disk too): one line, exit 1
-        runtime.stop(e, a.out)
+    except (
+        errors.UserError,
+        OSError,
+    ) as e:  # the user's to fix (a full disk too): one line, exit 1
+        processes.stop(e, a.out)
     finally:
-        runtime.cleanup()  # the signal handlers and --out's lock
+        processes.cleanup()  # the signal handlers and --out's lock
+
+
+def start(a):
+    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
+    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and not a.cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        processes.init_distributed(cuda)
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    return ddp, cuda, device, rank, world
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ import torch
 import transformers
 from PIL import Image
 
+import chat
+import checkpoints
 import data
-import llava_kd
-import runtime
+import models
 import toy as toy_module
 
 
 @pytest.mark.parametrize("old", [None, 7, [7], [7, 9], [9, 7, 9]])
 def test_the_turn_end_leads_the_eos_ids_and_every_one_the_config_had_stays(ckpts, old):
-    _, proc = llava_kd.load_llava(ckpts / "student")
+    _, proc = models.load_llava(ckpts / "student")
     config = transformers.GenerationConfig(eos_token_id=old)
-    data.prepare_chat(proc, config, "student", end_is_eos=True)
+    chat.prepare_chat(proc, config, "student", end_is_eos=True)
     end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     had = [] if old is None else [old] if isinstance(old, int) else old
     assert config.eos_token_id[0] == end == proc.tokenizer.eos_token_id
@@ -45,7 +46,7 @@ def test_image_in_a_later_turn_is_the_sample_with_it_in_the_first(toy, tmp_path)
     ]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(samples))
-    model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
+    model, proc = models.build_student(f"{toy}/vision", f"{toy}/student_llm")
     ds = data.LlavaDataset(str(path), f"{toy}/data/images", proc, chat=True, max_length=512)
     items = [ds[i] for i in range(3)]
     image = items[0]["input_ids"] == model.config.image_token_id
@@ -58,7 +59,7 @@ def test_image_in_a_later_turn_is_the_sample_with_it_in_the_first(toy, tmp_path)
 def test_batched_generation_answers_as_one_question_at_a_time(toy, ckpts, tmp_path):
     """toy.py eval generates 32 questions at once (left padding); a data set whose answers are the
     model's own, generated one at a time, is answered 100% right in batches of every size."""
-    model, proc = llava_kd.load_llava(ckpts / "student")
+    model, proc = models.load_llava(ckpts / "student")
     model.eval()
     # untrained, it answers every question alike: made to answer each its own way, in 10 tokens
     model.generation_config.eos_token_id = [model.config.image_token_id]
@@ -66,8 +67,8 @@ def test_batched_generation_answers_as_one_question_at_a_time(toy, ckpts, tmp_pa
     with torch.no_grad():
         for p in model.model.language_model.parameters():
             p += 0.3 * torch.randn(p.shape, generator=g)
-    runtime.save_checkpoint_files(model, proc, tmp_path / "model")
-    model, proc = llava_kd.load_llava(tmp_path / "model")
+    checkpoints.save_checkpoint_files(model, proc, tmp_path / "model")
+    model, proc = models.load_llava(tmp_path / "model")
     rows = json.load(open(f"{toy}/data/test.json"))[:12]
     tok = proc.tokenizer
     for row in rows:  # the greedy answer, alone

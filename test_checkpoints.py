@@ -12,9 +12,12 @@ import safetensors
 import torch
 import transformers
 
+import chat
+import checkpoints
 import data
 import llava_kd
-import runtime
+import memory
+import models
 from toy import real_ids_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -300,7 +303,7 @@ def test_existing_small_llava_gets_dft_only_through_train_sh(toy, real, tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "student-dft" / "log.jsonl")]
     assert len(log) == 1 and all(r["L_reg"] > 0 and r["L_res"] > 0 and r["L_vis"] > 0 for r in log)
-    _, proc = llava_kd.load_llava(tmp_path / "student-dft")
+    _, proc = models.load_llava(tmp_path / "student-dft")
     ds = llava_kd.data.LlavaDataset(
         f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=400
     )
@@ -339,8 +342,8 @@ def test_llava15_teacher_teaches_its_own_family_and_refuses_a_qwen_student(toy, 
 
 def test_different_chat_formats_are_named_at_start(toy, real, tmp_path, capsys):
     # Qwen1.5's system turn
-    model, proc = llava_kd.build_student(real["interleave-7b"], real["qwen1.5-0.5b"])
-    runtime.save_checkpoint_files(model, proc, tmp_path / "student")
+    model, proc = models.build_student(real["interleave-7b"], real["qwen1.5-0.5b"])
+    checkpoints.save_checkpoint_files(model, proc, tmp_path / "student")
     run(
         toy,
         "dft",
@@ -378,10 +381,10 @@ LLAVA15_HF_TEMPLATE = (
 
 
 def test_a_template_with_no_end_of_answer_token_is_refused_for_the_chat_stages(real):
-    _, proc = llava_kd.load_llava(real["llava-1.5"])
+    _, proc = models.load_llava(real["llava-1.5"])
     proc.chat_template = proc.tokenizer.chat_template = LLAVA15_HF_TEMPLATE
     # pt/dpt: fine, both forms
-    data.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf")
+    chat.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf")
     assert (
         proc.apply_chat_template([{"role": "user", "content": "<image>\nQ?"}], tokenize=False)
         == "USER: <image>\nQ? "
@@ -389,7 +392,7 @@ def test_a_template_with_no_end_of_answer_token_is_refused_for_the_chat_stages(r
     with pytest.raises(
         ValueError, match="llava-1.5-hf: its chat template ends an assistant turn without a special"
     ):
-        data.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf", end_is_eos=True)
+        chat.prepare_chat(proc, transformers.GenerationConfig(), "llava-1.5-hf", end_is_eos=True)
 
 
 def test_vision_features_give_the_stock_forward_for_a_clip_default_tower(real):
@@ -412,7 +415,7 @@ def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float3
     Conv2d weights that bf16 holds exactly (not a trained one, not one bf16 would round, not the
     head tied to the embeddings). The logits under bf16 autocast are the same; a checkpoint keeps
     the float32 values and says float32."""
-    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
+    model, processor = models.load_llava(ckpts / "student", torch.float32)
     llava_kd.apply_stage(model, "pt")  # the projector trains; the LLM and the tower are frozen
     llm = model.model.language_model
     with torch.no_grad():  # a bf16 checkpoint's values, but one frozen weight's
@@ -423,9 +426,9 @@ def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
     values = {n: p.clone() for n, p in model.named_parameters()}
-    runtime.hold_frozen_in_bf16(model, cuda=False)
+    memory.hold_frozen_in_bf16(model, cuda=False)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    runtime.hold_frozen_in_bf16(model, cuda=True)
+    memory.hold_frozen_in_bf16(model, cuda=True)
     held = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
     modules = dict(model.named_modules())
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in held
@@ -438,7 +441,7 @@ def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
     assert torch.equal(got, want)
-    runtime.save_checkpoint_files(model, processor, tmp_path / "saved")
+    checkpoints.save_checkpoint_files(model, processor, tmp_path / "saved")
     with safetensors.safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     saved = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved")

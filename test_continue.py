@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+import checkpoints
 import llava_kd
-import runtime
+import memory
+import models
 from test_nothing_lost import no_weights, refused, sft  # noqa: F401 (a fixture)
 from test_train import ROOT, finish, processes
 
@@ -22,11 +24,11 @@ def test_a_finished_stage_is_skipped_and_keeps_only_its_model_processor_and_log(
     argv = sft(toy, ckpts, out, "--auto_resume")
     llava_kd.main(argv)  # 6 steps: its whole schedule
     kept = sorted(os.listdir(out))
-    assert "log.jsonl" in kept and runtime.DONE in kept and "model.safetensors" in kept
-    assert not set(kept) & set(runtime.CHECKPOINTS)  # its AdamW state is gone
+    assert "log.jsonl" in kept and checkpoints.DONE in kept and "model.safetensors" in kept
+    assert not set(kept) & set(checkpoints.CHECKPOINTS)  # its AdamW state is gone
     model = out / "model.safetensors"
     assert os.stat(model).st_nlink == 1  # the checkpoint's file, linked and then unlinked
-    loaded = llava_kd.load_llava(str(out))  # the processor with it
+    loaded = models.load_llava(str(out))  # the processor with it
     assert loaded[1].tokenizer is not None
     before = os.stat(model).st_mtime_ns
     capsys.readouterr()
@@ -36,7 +38,7 @@ def test_a_finished_stage_is_skipped_and_keeps_only_its_model_processor_and_log(
     lr = argv.index("--lr") + 1
     changed = argv[:lr] + ["2e-3"] + argv[lr + 1 :]
     message = refused(changed)
-    assert message.startswith(f"error: {out}/{runtime.DONE}: the stage finished in {out} was ")
+    assert message.startswith(f"error: {out}/{checkpoints.DONE}: the stage finished in {out} was ")
     assert "--lr 0.001 (now 0.002)" in message
     without = [x for x in argv if x != "--auto_resume"]
     assert "holds another run" in refused(without)
@@ -52,7 +54,7 @@ def test_a_stage_stopped_by_max_steps_keeps_its_checkpoint_and_goes_on(toy, ckpt
     llava_kd.main(argv[:-1] + ["4"])  # resumed: steps 3 and 4
     steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     assert steps == [1, 2, 3, 4]
-    assert json.load(open(out / runtime.DONE))["step"] == 4
+    assert json.load(open(out / checkpoints.DONE))["step"] == 4
 
 
 def test_notes_come_once_with_every_processs_count_and_too_long_samples_can_be_left_out(
@@ -109,11 +111,11 @@ def test_the_plan_of_a_named_machine_needs_neither_its_gpus_nor_the_data(
     llava_kd.main(argv + ["--plan_gib", "80"])
     printed = capsys.readouterr().out
     assert "bf16 autocast; 8 process(es)" in printed
-    s, t = runtime.meta_llava(student), runtime.meta_llava(teacher)
+    s, t = memory.meta_llava(student), memory.meta_llava(teacher)
     llava_kd.apply_stage(s, "dft")
     # 8 processes of one node, CUDA, DDP, accumulation 64 / (4 x 8)
-    rows = runtime.memory_plan(s, t, 4, 2048, 8, True, False, 0.5, 8, 2)
-    total = runtime.plan_total(rows, False, cuda=True)
+    rows = memory.memory_plan(s, t, 4, 2048, 8, True, False, 0.5, 8, 2)
+    total = memory.plan_total(rows, False, cuda=True)
     assert f"plan: {total / 2**30:.2f} GiB a process (DDP, checkpointing off) of 80.0" in printed
     assert not os.path.exists(tmp_path / "o")
     message = refused(argv + ["--plan_gib", "0.001"])
@@ -153,7 +155,7 @@ def test_the_launcher_names_a_process_that_died_without_a_line(tmp_path, signum)
     script.write_text(
         f"import os, signal\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), {signum})\n"
     )
-    argv = [sys.executable, "runtime.py", "--standalone", "--nproc_per_node=2", str(script)]
+    argv = [sys.executable, "processes.py", "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 128 + signum
     name = "SIGKILL" if signum == 9 else "SIGSEGV"
@@ -178,7 +180,7 @@ def test_the_same_data_at_another_path_continues_and_other_data_is_refused(toy, 
     moved.write_text(json.dumps(rows))
     for resume, what in [
         ("--resume", f"--resume: the checkpoint in {out}"),
-        ("--auto_resume", f"{out}/{runtime.DONE}: the stage finished in {out}"),
+        ("--auto_resume", f"{out}/{checkpoints.DONE}: the stage finished in {out}"),
     ]:
         argv = sft(toy, ckpts, out, resume, "--max_steps", "3")
         argv[argv.index("--data") + 1] = str(moved)
@@ -188,7 +190,9 @@ def test_the_same_data_at_another_path_continues_and_other_data_is_refused(toy, 
         )
 
 
-@pytest.mark.parametrize("marker", [runtime.DONE, f"checkpoint/{runtime.COMPLETE}", "log.jsonl"])
+@pytest.mark.parametrize(
+    "marker", [checkpoints.DONE, f"checkpoint/{checkpoints.COMPLETE}", "log.jsonl"]
+)
 @pytest.mark.parametrize("damage", ["empty", "torn", "a list"])
 def test_a_torn_marker_is_named_or_set_right_by_the_same_command(
     toy, ckpts, tmp_path, marker, damage
@@ -201,13 +205,13 @@ def test_a_torn_marker_is_named_or_set_right_by_the_same_command(
     path = out / marker
     text = {"empty": "", "torn": path.read_text()[:9], "a list": "[1, 2]"}[damage]
     path.write_text(text)
-    if marker == f"checkpoint/{runtime.COMPLETE}":
-        os.remove(out / runtime.DONE)  # so the checkpoint is read
+    if marker == f"checkpoint/{checkpoints.COMPLETE}":
+        os.remove(out / checkpoints.DONE)  # so the checkpoint is read
         message = refused(argv[:-3] + ["3"])
         assert "holds another run (config.json, log.jsonl, checkpoint; " in message
         assert f"{path}: cut short or damaged (" in message
         return
     llava_kd.main(argv)
-    assert json.load(open(out / runtime.DONE))["step"] == 2
+    assert json.load(open(out / checkpoints.DONE))["step"] == 2
     steps = [json.loads(x)["step"] for x in open(out / "log.jsonl") if x.strip().endswith("}")]
     assert steps in ([1, 2], []) if marker == "log.jsonl" else steps == [1, 2]

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import convert_tinyllava
 import llava_kd
+import models as llava_models
 from test_train import Forked, ended
 
 SIGLIP = dict(
@@ -487,7 +488,7 @@ def test_converted_directory_is_a_teacher_and_an_init_for_the_stages(toy, tmp_pa
     assert len(dpt) == 2 and all(r["L_res"] > 0 and r["L_vis"] > 0 for r in dpt)
     # its own teacher: KL 0 at the start
     assert len(dft) == 2 and dft[0]["L_reg"] > 0 and dft[0]["L_res"] < 1e-6
-    _, proc = llava_kd.load_llava(tmp_path / "dpt")
+    _, proc = llava_models.load_llava(tmp_path / "dpt")
     assert proc.apply_chat_template(
         [{"role": "user", "content": "<image>\nQ?"}], add_generation_prompt=True, tokenize=False
     ).startswith(convert_tinyllava.SYSTEM)  # the teacher's format

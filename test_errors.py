@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
+import errors
 import llava_kd
-import runtime
+import models
 import toy as toy_module
 from test_train import changed, ended, processes, weights
 
@@ -31,7 +32,7 @@ def no_weights(monkeypatch):
         raise AssertionError("weights were loaded before the error")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(runtime, "tower_from_llava", refuse)
+    monkeypatch.setattr(models, "tower_from_llava", refuse)
 
 
 def args(toy, out, stage="dft", data="sft"):
@@ -305,7 +306,7 @@ def test_json_with_a_byte_order_mark_and_json_lines_are_the_same_samples(toy, tm
         assert data.read_samples(str(path), f"{toy}/data/images") == want
     broken = tmp_path / "broken.json"
     broken.write_text(open(source).read()[:-2])  # a list cut short: its own error, not JSON Lines'
-    with pytest.raises(data.DataError, match="not a readable LLaVA JSON list of samples"):
+    with pytest.raises(errors.UserError, match="not a readable LLaVA JSON list of samples"):
         data.read_samples(str(broken), f"{toy}/data/images")
 
 

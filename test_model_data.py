@@ -8,21 +8,25 @@ import torch
 import transformers
 from PIL import Image
 
+import chat
+import checkpoints
 import data
+import errors
 import llava_kd
-import runtime
-from data import DataError, LlavaDataset, collate
+import models
+from data import LlavaDataset, collate
+from errors import UserError
 
 
 def student(toy):
-    return llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
+    return models.build_student(f"{toy}/vision", f"{toy}/student_llm")
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(toy, tmp_path_factory):
-    model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
+    model, proc = models.build_student(f"{toy}/vision", f"{toy}/teacher_llm")
     out = str(tmp_path_factory.mktemp("teacher"))
-    runtime.save_checkpoint_files(model, proc, out)
+    checkpoints.save_checkpoint_files(model, proc, out)
     return out
 
 
@@ -38,9 +42,7 @@ def count_trainable(model):
 def test_stage_trains_exactly_its_parts(toy, teacher_dir, stage):
     model, proc = student(toy)
     teacher = (
-        llava_kd.load_teacher(teacher_dir, model, proc)
-        if llava_kd.STAGES[stage]["teacher"]
-        else None
+        models.load_teacher(teacher_dir, model, proc) if llava_kd.STAGES[stage]["teacher"] else None
     )
     llava_kd.apply_stage(model, stage)
     n = count_trainable(model)
@@ -92,29 +94,29 @@ def test_loading_fails_loudly_on_missing_or_mis_shaped_weights(toy, tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     llm.config.save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="did not load.*layers.1.mlp.down_proj"):
-        llava_kd.build_student(f"{toy}/vision", str(tmp_path))
+        models.build_student(f"{toy}/vision", str(tmp_path))
     llm.config.intermediate_size += 8  # the checkpoint's MLP weights no longer fit this config
     llm.config.save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="mismatched|did not load"):
-        llava_kd.build_student(f"{toy}/vision", str(tmp_path))
+        models.build_student(f"{toy}/vision", str(tmp_path))
 
 
 def test_incompatible_teacher_is_refused(toy, teacher_dir):
     model, proc = student(toy)
-    teacher, t_proc = llava_kd.load_llava(teacher_dir)
-    runtime.check_compatible(teacher, t_proc, model, proc)  # the toy pair is compatible
+    teacher, t_proc = models.load_llava(teacher_dir)
+    models.check_compatible(teacher, t_proc, model, proc)  # the toy pair is compatible
     teacher.config.image_token_id += 1
     with pytest.raises(ValueError, match="image token ids differ"):
-        runtime.check_compatible(teacher, t_proc, model, proc)
+        models.check_compatible(teacher, t_proc, model, proc)
     teacher.config.image_token_id -= 1
     t_proc.tokenizer.add_tokens(["<extra>"])
     proc.tokenizer.add_tokens(["<other>"])
     with pytest.raises(ValueError, match="tokenizers disagree"):
-        runtime.check_compatible(teacher, t_proc, model, proc)
+        models.check_compatible(teacher, t_proc, model, proc)
     _, proc = student(toy)
     proc.image_processor.size = {"height": 16, "width": 16}
     with pytest.raises(ValueError, match="visual tokens per image differ"):
-        runtime.check_compatible(teacher, t_proc, model, proc)
+        models.check_compatible(teacher, t_proc, model, proc)
 
 
 # ---- data
@@ -198,13 +200,13 @@ def test_truncation_cuts_text_from_the_end_never_image_tokens(toy, tmp_path):
         len(item["input_ids"]) == n + 20
         and int((item["input_ids"] == proc.image_token_id).sum()) == n
     )
-    with pytest.raises(DataError, match="--max_length"):
+    with pytest.raises(UserError, match="--max_length"):
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=n)[0]
 
 
 def test_visual_mask_and_mixed_batch_through_teacher_and_student(toy, teacher_dir):
     model, proc = student(toy)
-    teacher = llava_kd.load_teacher(teacher_dir, model, proc)
+    teacher = models.load_teacher(teacher_dir, model, proc)
     ds = LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=256)
     rows = [ds[i] for i in (0, 49, 1)]  # 49 is a text-only row of the toy set
     assert rows[1]["pixel_values"] is None and rows[0]["pixel_values"] is not None
@@ -265,7 +267,7 @@ def test_bad_samples_raise_naming_file_and_id(toy, tmp_path, row, message):
     path = write(
         tmp_path, [{"id": "ok", "image": "a.png", "conversations": turns("<image>\nQ?", "A")}, row]
     )
-    with pytest.raises(DataError, match=message) as e:
+    with pytest.raises(UserError, match=message) as e:
         LlavaDataset(path, str(tmp_path), proc, chat=True, max_length=200)
     assert str(e.value).startswith(f"{path}: sample ") and "\n" not in str(e.value)
 
@@ -280,14 +282,14 @@ def test_a_file_that_is_not_a_list_and_many_bad_samples(toy, tmp_path):
         (3, "3"),
     ]:
         (tmp_path / "obj.json").write_text(json.dumps(value))
-        with pytest.raises(DataError) as e:
+        with pytest.raises(UserError) as e:
             LlavaDataset(str(tmp_path / "obj.json"), str(tmp_path), proc, chat=True, max_length=9)
         assert str(e.value) == (
             f'{tmp_path}/obj.json: {found}, where a JSON list of samples belongs ([{{"id", '
             f'"image", "conversations"}}, ...]; or JSON Lines, one sample a line)'
         )
     rows = [{"id": f"b{i}", "conversations": []} for i in range(25)]
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         LlavaDataset(write(tmp_path, rows), str(tmp_path), proc, chat=True, max_length=200)
     lines = str(e.value).splitlines()
     # the first 20 named
@@ -302,7 +304,7 @@ def test_a_chat_stage_needs_a_template_that_renders_a_llava_prompt(toy, tmp_path
     )
     proc.chat_template = proc.tokenizer.chat_template = None
     with pytest.raises(
-        DataError,
+        UserError,
         match="sft/dft render conversations with the model's chat template, and its "
         "processor and tokenizer have none",
     ):
@@ -310,9 +312,9 @@ def test_a_chat_stage_needs_a_template_that_renders_a_llava_prompt(toy, tmp_path
     LlavaDataset(path, str(tmp_path), proc, chat=False, max_length=200)  # pt/dpt need none
     proc.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # no content at all
     with pytest.raises(
-        data.UserError, match="^where: its chat template renders neither string nor typed content"
+        errors.UserError, match="^where: its chat template renders neither string nor typed content"
     ):
-        data.prepare_chat(proc, model.generation_config, "where")
+        chat.prepare_chat(proc, model.generation_config, "where")
 
 
 def test_image_without_tag_is_put_at_the_start_of_the_first_human_turn(toy, tmp_path, capsys):
@@ -345,7 +347,7 @@ def test_unreadable_images_are_named_by_id_before_and_while_training(toy, tmp_pa
     (tmp_path / "0.png").write_bytes(b"not a png")
     Image.new("1", (20000, 5000)).save(tmp_path / "1.png")  # 100 megapixels: above PIL's 89
     Image.new("RGB", (64, 64), "red").save(tmp_path / "2.png")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         data.read_samples(path, str(tmp_path))
     assert f"sample s0: image file {tmp_path}/0.png cannot be read" in str(e.value)
     assert f"sample s1: image file {tmp_path}/1.png has 100 megapixels, above PIL's" in str(e.value)
@@ -367,7 +369,7 @@ def test_unreadable_images_are_named_by_id_before_and_while_training(toy, tmp_pa
 
 def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
     model, proc = student(toy)
-    runtime.save_checkpoint_files(model, proc, tmp_path)
+    checkpoints.save_checkpoint_files(model, proc, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
     proc = transformers.AutoProcessor.from_pretrained(tmp_path)
@@ -390,7 +392,8 @@ def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
 
 def test_each_process_checks_the_image_files_of_its_share(tmp_path):
     """Of 2 processes, each stats and opens the images of every other sample: a missing file is
-    found by the process whose share holds it (runtime.agreed then stops both with its message)."""
+    found by the process whose share holds it (processes.agreed then stops both with its
+    message)."""
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [
         {
@@ -402,5 +405,5 @@ def test_each_process_checks_the_image_files_of_its_share(tmp_path):
     ]
     path = write(tmp_path, rows)
     assert len(data.read_samples(path, str(tmp_path), rank=0, world=2)) == 4
-    with pytest.raises(DataError, match="sample s3: image file .*gone.png not found"):
+    with pytest.raises(UserError, match="sample s3: image file .*gone.png not found"):
         data.read_samples(path, str(tmp_path), rank=1, world=2)

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import transformers
 
+import checkpoints
 import data
 import llava_kd
-import runtime
+import processes as procs
+import signals
 from test_train import ROOT, Forked, args, changed, ended, finish, launch, processes, weights
 
 
@@ -86,7 +88,7 @@ def test_sigterm_checkpoints_the_step_and_resume_equals_uninterrupted(toy, ckpts
 
 
 def signalled_thrice(argv):
-    p = runtime.Preemption("checkpoint")
+    p = signals.Preemption("checkpoint")
     p.REPEAT = 1.0
     p.step_begins()
     p.step_ended(0.0)  # between steps (a save): no step is watched
@@ -405,14 +407,14 @@ def test_rank0_failing_inside_a_save_stops_every_process_with_its_line(
     An error there (not a full disk: an I/O error) reaches them at once: every process ends within
     seconds with exit 1, rank 0's last line names the error, no other process shows a traceback of
     a broken collective, and the checkpoint before stays whole."""
-    save = runtime.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def failing(model, processor, state, out, *rest):
         if state["step"] == 2:
             raise OSError(errno.EIO, "Input/output error")
         return save(model, processor, state, out, *rest)
 
-    monkeypatch.setattr(runtime, "save_checkpoint", failing)  # the forked processes inherit it
+    monkeypatch.setattr(checkpoints, "save_checkpoint", failing)  # the forked processes inherit it
     out = tmp_path / "run"
     argv = sft(toy, ckpts, out, "--save_every", "1", "--max_steps", "3")
     argv[argv.index("--batch_size") + 1] = "4"
@@ -513,7 +515,7 @@ def test_the_long_waits_are_on_the_long_group_and_training_on_the_default_one(
     def recording(name, real):
         def recorded(*args, **kwargs):
             group = kwargs.get("group")
-            which = "long" if group is runtime._waits[-1] else "default" if group is None else "?"
+            which = "long" if group is procs._waits[-1] else "default" if group is None else "?"
             with open(calls / str(os.getpid()), "a") as f:
                 f.write(f"{name} {which}\n")
             return real(*args, **kwargs)

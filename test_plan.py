@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-import data
+import errors
 import llava_kd
-import runtime
+import memory
 from test_train import args, finish, processes
 
 
@@ -53,7 +53,7 @@ def test_activation_constants_are_what_a_decoder_layer_saves(dtype):
     per_layer = (saved_bytes(4, dtype) - saved_bytes(2, dtype)) / 2
     text = transformers.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate)
     text.num_hidden_layers = 1
-    planned = runtime.activation_bytes(text, 1, tokens, dtype, checkpointing=False)
+    planned = memory.activation_bytes(text, 1, tokens, dtype, checkpointing=False)
     small = 32 * tokens  # the attention's log-sum-exp, a few bytes a token
     if dtype == torch.float32:
         assert abs(planned - per_layer) <= small, (per_layer, planned)
@@ -61,7 +61,7 @@ def test_activation_constants_are_what_a_decoder_layer_saves(dtype):
         assert 0 <= planned - per_layer <= small + 2 * hidden * tokens, (per_layer, planned)
     # checkpointing keeps each layer's float32 input and one layer's set
     text.num_hidden_layers = 4
-    checkpointed = runtime.activation_bytes(text, 1, tokens, dtype, checkpointing=True)
+    checkpointed = memory.activation_bytes(text, 1, tokens, dtype, checkpointing=True)
     assert checkpointed == 4 * tokens * hidden * 4 + planned
 
 
@@ -82,23 +82,23 @@ def plan_args(**kw):
 
 @pytest.fixture
 def metas(ckpts):
-    student = runtime.meta_llava(ckpts / "student")
+    student = memory.meta_llava(ckpts / "student")
     llava_kd.apply_stage(student, "dft")
-    return student, runtime.meta_llava(ckpts / "teacher")
+    return student, memory.meta_llava(ckpts / "teacher")
 
 
 def totals(metas, a, world):
     rows = {
-        fsdp: runtime.memory_plan(*metas, a.batch_size, a.max_length, world, False, fsdp, 0.5)
+        fsdp: memory.memory_plan(*metas, a.batch_size, a.max_length, world, False, fsdp, 0.5)
         for fsdp in (False, True)
     }
-    return {(f, c): runtime.plan_total(rows[f], c) for f in (False, True) for c in (False, True)}
+    return {(f, c): memory.plan_total(rows[f], c) for f in (False, True) for c in (False, True)}
 
 
 def refusal(metas, a, world, limit, monkeypatch):
-    monkeypatch.setattr(runtime, "device_bytes", lambda device: limit)
-    with pytest.raises(data.UserError) as e:
-        runtime.check_memory(a, world, torch.device("cpu"), *metas, master=False)
+    monkeypatch.setattr(memory, "device_bytes", lambda device: limit)
+    with pytest.raises(errors.UserError) as e:
+        memory.check_memory(a, world, torch.device("cpu"), *metas, master=False)
     return str(e.value)
 
 
@@ -122,7 +122,7 @@ def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, 
     assert "--batch_size 1 (train.sh: BATCH=1) fits" in message, message
     assert "nothing tried fits" in refusal(metas, a, 1, one * 0.5, monkeypatch)
     a.ignore_plan = True  # the user's word against the plan's
-    runtime.check_memory(a, 1, torch.device("cpu"), *metas, master=False)
+    memory.check_memory(a, 1, torch.device("cpu"), *metas, master=False)
 
 
 def test_the_plan_turns_checkpointing_on_exactly_where_the_stage_needs_it(
@@ -137,8 +137,8 @@ def test_the_plan_turns_checkpointing_on_exactly_where_the_stage_needs_it(
         (t[False, False] * 1.01, True, True),  # the flag's
     ]:
         a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=flag)
-        monkeypatch.setattr(runtime, "device_bytes", lambda device, limit=limit: limit)
-        runtime.check_memory(a, 8, torch.device("cpu"), *metas, master=True)
+        monkeypatch.setattr(memory, "device_bytes", lambda device, limit=limit: limit)
+        memory.check_memory(a, 8, torch.device("cpu"), *metas, master=True)
         assert a.grad_checkpointing == on
         turned = "note: --grad_checkpointing turned on" in capsys.readouterr().out
         assert turned == (on and not flag)
@@ -196,8 +196,8 @@ def test_the_plan_counts_the_gradients_fsdp2_holds_between_micro_steps(
     argv[argv.index("--batch_size") + 1] = "4"
     outs = finish(processes(*argv, "--fsdp"))
     held = [int(out.split("held ")[-1].split()[0]) for out in outs]
-    student = runtime.meta_llava(ckpts / "student")
+    student = memory.meta_llava(ckpts / "student")
     llava_kd.apply_stage(student, "sft")
-    rows = runtime.memory_plan(student, None, 4, 192, 2, False, True, 0.5, 2, accum=2)
+    rows = memory.memory_plan(student, None, 4, 192, 2, False, True, 0.5, 2, accum=2)
     planned = {what: b for what, b, _ in rows}["gradients, float32"]
     assert held == [planned, planned]

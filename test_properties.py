@@ -8,10 +8,16 @@ import subprocess
 import pytest
 import torch
 
+import chat
+import checkpoints
 import convert_tinyllava
 import data
+import errors
+import flags
 import llava_kd
-import runtime
+import memory
+import models
+import processes
 import test_convert
 from test_losses import batch
 from test_train import ROOT, alone, args, changed, weights
@@ -97,8 +103,8 @@ def test_each_epoch_is_a_new_shuffle_of_the_samples(toy, ckpts, tmp_path, monkey
 def fsdp2_policy(ckpts):
     from torch.distributed.fsdp import FSDPModule
 
-    model, _ = llava_kd.load_llava(ckpts / "student", torch.float32)
-    student = runtime.shard(llava_kd.Student(model), model, bf16=True)
+    model, _ = models.load_llava(ckpts / "student", torch.float32)
+    student = processes.shard(llava_kd.Student(model), model, bf16=True)
     modules = [m for m in student.modules() if isinstance(m, FSDPModule)]
     assert len(modules) == len(model.model.language_model.layers) + 1
     for m in modules:
@@ -133,13 +139,13 @@ def test_a_global_batch_not_a_multiple_of_batch_size_times_processes_is_refused(
     parser_args = parse(argv)
     stage = llava_kd.STAGES["sft"]
     if ok:
-        got = runtime.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
+        got = flags.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
         assert got == global_batch  # never rounded
     else:
         with pytest.raises(
-            data.UserError, match=f"must be a multiple of --batch_size {batch_size}"
+            errors.UserError, match=f"must be a multiple of --batch_size {batch_size}"
         ):
-            runtime.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
+            flags.check_flags(parser_args, world, stage, llava_kd.TABLE_A9["sft"])
 
 
 def parse(argv):
@@ -159,19 +165,19 @@ def parse(argv):
 
 
 def test_a_checkpoint_is_complete_only_with_every_file_it_wrote(ckpts, tmp_path):
-    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    model, proc = models.load_llava(ckpts / "student", torch.float32)
     state = dict(step=3, optimizer={"w": torch.ones(1000)}, args={})
-    runtime.save_checkpoint(model, proc, state, str(tmp_path))
+    checkpoints.save_checkpoint(model, proc, state, str(tmp_path))
     ckpt = tmp_path / "checkpoint"
-    listed = json.load(open(ckpt / runtime.COMPLETE))["files"]
-    assert set(listed) == set(os.listdir(ckpt)) - {runtime.COMPLETE}
+    listed = json.load(open(ckpt / checkpoints.COMPLETE))["files"]
+    assert set(listed) == set(os.listdir(ckpt)) - {checkpoints.COMPLETE}
     assert "train_state.pt" in listed and "model.safetensors" in listed
-    assert runtime.checkpoint_problem(str(ckpt)) is None
+    assert checkpoints.checkpoint_problem(str(ckpt)) is None
     for name in ("train_state.pt", "model.safetensors", "config.json"):
         size = os.path.getsize(ckpt / name)
         os.truncate(ckpt / name, size - 1)
         assert f"{ckpt / name} has {size - 1} bytes where the save wrote {size}" == (
-            runtime.checkpoint_problem(str(ckpt))
+            checkpoints.checkpoint_problem(str(ckpt))
         )
         with open(ckpt / name, "ab") as f:
             f.write(b"\0")  # the size back (the content no longer matters here)
@@ -181,7 +187,7 @@ def fake_checkpoint(path, step):
     os.makedirs(path)
     (path / "train_state.pt").write_bytes(b"x" * step)
     sizes = {"train_state.pt": step}
-    (path / runtime.COMPLETE).write_text(json.dumps(dict(step=step, files=sizes)))
+    (path / checkpoints.COMPLETE).write_text(json.dumps(dict(step=step, files=sizes)))
 
 
 @pytest.mark.parametrize(
@@ -197,14 +203,14 @@ def fake_checkpoint(path, step):
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path, present, newest):
     for name, step in present.items():
         fake_checkpoint(tmp_path / name, step)
-    assert runtime.find_checkpoint(str(tmp_path)) == str(tmp_path / newest)
-    os.remove(tmp_path / newest / runtime.COMPLETE)  # torn: the next newest
+    assert checkpoints.find_checkpoint(str(tmp_path)) == str(tmp_path / newest)
+    os.remove(tmp_path / newest / checkpoints.COMPLETE)  # torn: the next newest
     rest = {n: s for n, s in present.items() if n != newest}
-    assert runtime.find_checkpoint(str(tmp_path)) == str(tmp_path / max(rest, key=rest.get))
+    assert checkpoints.find_checkpoint(str(tmp_path)) == str(tmp_path / max(rest, key=rest.get))
 
 
 def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
-    s, t = runtime.meta_llava(str(ckpts / "student")), runtime.meta_llava(str(ckpts / "teacher"))
+    s, t = memory.meta_llava(str(ckpts / "student")), memory.meta_llava(str(ckpts / "teacher"))
     llava_kd.apply_stage(s, "dft")
     tower = sum(p.numel() for p in s.model.vision_tower.parameters())
     rest = sum(p.numel() for p in s.parameters()) - tower
@@ -220,7 +226,7 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         (True, True, 8, 8),
         (True, True, 16, 8),
     ]:
-        rows = runtime.memory_plan(s, t, 2, 256, world, cuda, fsdp, 0.5, per_node, accum=2)
+        rows = memory.memory_plan(s, t, 2, 256, world, cuda, fsdp, 0.5, per_node, accum=2)
         got = {what: b for what, b, _ in rows}
         shards = per_node if fsdp else 1
         assert got["student weights, float32 (vision tower whole)"] == 4 * rest / shards + 4 * tower
@@ -237,8 +243,8 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
             for when in ("forward", "step")
         ]
         total = (held + max(peaks)) * (1.1 if cuda else 1.0)
-        assert runtime.plan_total(rows, False, cuda) == pytest.approx(total, rel=1e-12)
-    no_gram = runtime.memory_plan(s, t, 2, 256, 1, False, False, 0.0)
+        assert memory.plan_total(rows, False, cuda) == pytest.approx(total, rel=1e-12)
+    no_gram = memory.memory_plan(s, t, 2, 256, 1, False, False, 0.0)
     assert dict((w, b) for w, b, _ in no_gram)["W^T W of both heads"] == 0
 
 
@@ -262,8 +268,8 @@ def test_the_converter_pads_an_untied_head_as_it_pads_the_embeddings(toy, tmp_pa
 def test_the_length_check_is_exact_at_the_boundary(toy, ckpts):
     """The first answer token at position max_length - 1 fits (and is trained); at max_length it
     does not. The last at max_length - 1: whole; at max_length: cut short (a note)."""
-    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
-    data.prepare_chat(proc, model.generation_config, str(ckpts / "student"), True)
+    model, proc = models.load_llava(ckpts / "student", torch.float32)
+    chat.prepare_chat(proc, model.generation_config, str(ckpts / "student"), True)
     sample = json.load(open(f"{toy}/data/sft.json"))[0]
     ds = data.LlavaDataset(
         f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=4096
@@ -279,21 +285,21 @@ def test_the_length_check_is_exact_at_the_boundary(toy, ckpts):
         (last + 1, False, False),
     ]:
         ds.max_length = max_length
-        data.NOTES.clear()
+        errors.NOTES.clear()
         if refused:
-            with pytest.raises(data.DataError, match=f"{sample['id']} \\(needs {first + 1}\\)"):
+            with pytest.raises(errors.UserError, match=f"{sample['id']} \\(needs {first + 1}\\)"):
                 ds.check_lengths()
             continue
         ds.check_lengths()
-        assert bool(data.NOTES) == cut, max_length
+        assert bool(errors.NOTES) == cut, max_length
         assert (ds[0]["labels"] != data.IGNORE).sum() >= 1  # what the check let in trains
-    data.NOTES.clear()
+    errors.NOTES.clear()
 
 
 def test_padding_is_never_an_answer_nor_attended(toy, ckpts):
     """collate right-pads: padded positions carry -100 labels, the pad id and attention 0, so no
     loss row ever predicts or attends padding, whatever the pad id."""
-    model, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    model, proc = models.load_llava(ckpts / "student", torch.float32)
     ds = data.LlavaDataset(
         f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=512
     )
@@ -358,23 +364,20 @@ def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free()
     assert dict(counter.ops) == {"mm": mm, "empty": [1, 0, 0, 0.0]}
 
 
-def test_attn_implementation_reaches_both_models_and_ends_with_the_run(
-    toy, ckpts, tmp_path, monkeypatch
-):
+def test_attn_implementation_reaches_both_models(toy, ckpts, tmp_path, monkeypatch):
     seen = []
-    loaded = runtime.loaded
+    loaded = models.loaded
 
-    def recording(cls, path, **kwargs):
-        model = loaded(cls, path, **kwargs)
+    def recording(cls, path, attn="sdpa", **kwargs):
+        model = loaded(cls, path, attn, **kwargs)
         seen.append((str(path), model.config.text_config._attn_implementation))
         return model
 
-    monkeypatch.setattr(runtime, "loaded", recording)
+    monkeypatch.setattr(models, "loaded", recording)
     student, teacher = str(ckpts / "student"), str(ckpts / "teacher")
     argv = args(toy, "dft", tmp_path / "o", "--init", student, "--teacher", teacher)
     llava_kd.main(argv + ["--max_steps", "1", "--attn_implementation", "eager"])
     assert sorted(seen) == [(student, "eager"), (teacher, "eager")]
-    assert runtime.ATTENTION == "sdpa"  # the next run starts from the default
     with pytest.raises(SystemExit, match="flash_attention_2 needs the flash-attn package"):
         llava_kd.main(argv + ["--attn_implementation", "flash_attention_2"])
 
@@ -385,7 +388,7 @@ def test_each_epoch_takes_every_sample_once_in_whole_steps_on_every_process(toy,
     sample in at most one; the same seed and epoch, the same order (resume); another epoch,
     another. Grouped: one kind a step (image or text-only) but for one mixed step of what is left,
     and the same micro-step on every process takes neighbours in length."""
-    _, proc = llava_kd.load_llava(ckpts / "student", torch.float32)
+    _, proc = models.load_llava(ckpts / "student", torch.float32)
     ds = data.LlavaDataset(f"{toy}/data/sft.json", f"{toy}/data/images", proc, True, 512)
     for i in range(0, len(ds.rows), 4):  # every 4th text-only
         ds.rows[i] = (ds.rows[i][0], None, ds.rows[i][2])
@@ -394,7 +397,7 @@ def test_each_epoch_takes_every_sample_once_in_whole_steps_on_every_process(toy,
 
     def order(epoch):
         return [
-            runtime.epoch_order(ds, G, B, world, r, 0, epoch, grouped)[: steps * per_step]
+            data.epoch_order(ds, G, B, world, r, 0, epoch, grouped)[: steps * per_step]
             for r in range(world)
         ]
 
@@ -447,9 +450,9 @@ def test_grouped_micro_batches_resume_exactly_across_an_epoch(toy, ckpts, tmp_pa
 def test_loader_workers_are_the_process_share_of_its_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert runtime.loader_workers(None) == 7  # 64 CPUs over 8 processes, less the process's own
+    assert data.loader_workers(None) == 7  # 64 CPUs over 8 processes, less the process's own
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert runtime.loader_workers(None) == 8  # at most 8
+    assert data.loader_workers(None) == 8  # at most 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert runtime.loader_workers(None) == 0  # one CPU: the process loads its own batches
-    assert runtime.loader_workers(3) == 3  # --workers
+    assert data.loader_workers(None) == 0  # one CPU: the process loads its own batches
+    assert data.loader_workers(3) == 3  # --workers

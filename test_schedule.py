@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+import checkpoints
+import data
 import llava_kd
-import runtime
 from test_nothing_lost import logged_steps, sft
 
 
@@ -44,8 +45,8 @@ def test_every_epoch_order_gives_each_process_its_whole_steps_and_each_sample_on
 
         every = []
         for rank in range(world):
-            order = runtime.epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped)
-            again = runtime.epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped)
+            order = data.epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped)
+            again = data.epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped)
             assert order == again, case  # from the seed and the epoch alone: resumable
             assert len(order) >= steps * per_step, case  # the loop's slice is whole
             every.append(order[: steps * per_step])  # as micro_batches slices it
@@ -67,7 +68,7 @@ def test_more_steps_asked_than_the_schedule_has_end_with_the_schedule(toy, ckpts
     out = tmp_path / "out"
     llava_kd.main(sft(toy, ckpts, out, "--max_steps", "50", "--auto_resume"))
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
-    done = json.load(open(out / runtime.DONE))
+    done = json.load(open(out / checkpoints.DONE))
     assert done["step"] == 6 and done["finished"]
     assert not (out / "checkpoint").exists()
     lrs = [json.loads(line)["lr"] for line in open(out / "log.jsonl")]

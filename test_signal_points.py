@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import llava_kd
-import runtime
+import signals
 from test_crash_points import logged
 from test_nothing_lost import sft
 from test_train import Forked, ended, processes, weights
@@ -24,9 +25,9 @@ from test_train import Forked, ended, processes, weights
 PHASES = {
     "loading the models": (llava_kd, "load", 0, 0),
     "a step": (llava_kd, "forward_backward", 0, 1),
-    "a save": (runtime, "save_checkpoint", 0, 2),  # step 1's save: step 2 runs, then it stops
+    "a save": (checkpoints, "save_checkpoint", 0, 2),  # step 1's save: step 2 runs, then it stops
     "the last step": (llava_kd, "forward_backward", 2, None),
-    "publishing": (runtime, "publish", 0, None),
+    "publishing": (checkpoints, "publish", 0, None),
 }
 
 
@@ -56,7 +57,7 @@ def command(toy, ckpts, out, data):
     return argv
 
 
-@pytest.mark.parametrize("signum", runtime.Preemption.SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", signals.Preemption.SIGNALS, ids=lambda s: s.name)
 def test_each_signal_at_each_phase_ends_as_said_and_the_same_command_goes_on(
     toy, ckpts, tmp_path, monkeypatch, three_steps, signum
 ):
@@ -102,7 +103,7 @@ def test_a_run_leaves_the_processs_signal_handlers_as_it_found_them(toy, ckpts, 
     def handlers():
         wakeup = signal.set_wakeup_fd(-1)
         signal.set_wakeup_fd(wakeup)
-        return [signal.getsignal(s) for s in runtime.Preemption.SIGNALS], wakeup
+        return [signal.getsignal(s) for s in signals.Preemption.SIGNALS], wakeup
 
     before, threads = handlers(), threading.active_count()
     llava_kd.main(sft(toy, ckpts, tmp_path / "ends", "--max_steps", "1"))
@@ -134,7 +135,7 @@ def test_a_stop_request_ends_a_process_whose_step_waits_on_a_peer_that_never_com
     has not yet found dead); the other is asked to stop (torchrun's SIGTERM once a rank died).
     Its step never ends, so it ends itself WAIT seconds later, with one line, saving nothing,
     instead of waiting out the launcher's 15-minute shutdown timeout."""
-    monkeypatch.setattr(runtime.Preemption, "WAIT", 3)
+    monkeypatch.setattr(signals.Preemption, "WAIT", 3)
     out = tmp_path / "run"
     argv = sft(toy, ckpts, out, "--epochs", "50")
     argv[argv.index("--batch_size") + 1] = "4"

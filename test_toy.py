@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
+import checkpoints
 import data
-import llava_kd
-import runtime
+import models
 import toy as toy_module
 
 
@@ -28,8 +28,8 @@ def test_linear_probe_reads_what_is_linearly_there_and_nothing_else():
 
 
 def test_probe_scores_every_answer_token_and_every_visual_position(toy, tmp_path):
-    model, proc = llava_kd.build_student(f"{toy}/vision", f"{toy}/student_llm")
-    runtime.save_checkpoint_files(model, proc, str(tmp_path))
+    model, proc = models.build_student(f"{toy}/vision", f"{toy}/student_llm")
+    checkpoints.save_checkpoint_files(model, proc, str(tmp_path))
     report = toy_module.probe(
         str(tmp_path), f"{toy}/data/sft.json", f"{toy}/data/images", n_scenes=30
     )

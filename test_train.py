@@ -17,9 +17,13 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import chat
+import checkpoints
 import data
+import errors
 import llava_kd
-import runtime
+import models
+import processes as procs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -255,10 +259,10 @@ def pairs(ckpts, tmp_path_factory):
     for name, (which, change) in VARIANTS.items():
         dirs = {"student": ckpts / "student", "teacher": ckpts / "teacher"}
         if change:
-            model, proc = llava_kd.load_llava(dirs[which], torch.float32)
+            model, proc = models.load_llava(dirs[which], torch.float32)
             change(model)
             dirs[which] = out / name.replace(" ", "-") / which
-            runtime.save_checkpoint_files(model, proc, dirs[which])
+            checkpoints.save_checkpoint_files(model, proc, dirs[which])
         found[name] = (dirs["student"], dirs["teacher"])
     return found
 
@@ -313,8 +317,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(
     assert all(torch.equal(saved[k], init[k]) for k in init if "vision_tower." in k)
     (rec,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     # the step's samples, in the loop's order, through the loop's own processor set-up
-    model, proc = llava_kd.load_llava(student_dir)
-    data.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
+    model, proc = models.load_llava(student_dir)
+    chat.prepare_chat(proc, model.generation_config, "student", end_is_eos=stage == "dft")
     teacher = transformers.LlavaForConditionalGeneration.from_pretrained(teacher_dir)
     ds = data.LlavaDataset(
         argv[argv.index("--data") + 1],
@@ -350,8 +354,8 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(
     # the loop's gradient: its loss on the two micro-batches of 4, each divided by the whole step's
     # counts
     llava_kd.apply_stage(model, stage)
-    runtime.share_tower(model, teacher, teacher_dir, new_student=False)  # as load_teacher does
-    data.NOTES.clear()
+    models.share_tower(model, teacher, teacher_dir, new_student=False)  # as load_teacher does
+    errors.NOTES.clear()
     counts = [
         float(m.sum())
         for m in (
@@ -580,7 +584,7 @@ def test_bad_flags_are_refused_with_the_flag_named(toy, ckpts, tmp_path):
 
 
 def test_next_token_loss_equals_the_models_own_loss(toy, ckpts):
-    model, proc = llava_kd.load_llava(ckpts / "student")
+    model, proc = models.load_llava(ckpts / "student")
     ds = data.LlavaDataset(
         f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=256
     )
@@ -713,7 +717,7 @@ def test_a_bf16_init_trains_float32_master_weights(toy, ckpts, tmp_path):
     rounds away on most weights."""
     model = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "student")
     processor = transformers.AutoProcessor.from_pretrained(ckpts / "student")
-    runtime.save_checkpoint_files(model.to(torch.bfloat16), processor, tmp_path / "bf16")
+    checkpoints.save_checkpoint_files(model.to(torch.bfloat16), processor, tmp_path / "bf16")
     init = ["--init", str(tmp_path / "bf16"), "--lr", "1e-5", "--max_steps", "1"]
     llava_kd.main(args(toy, "sft", tmp_path / "out", *init))
     start, end = weights(tmp_path / "bf16"), weights(tmp_path / "out")
@@ -745,8 +749,8 @@ def alone(fn, *args):
 
 
 def mixed_precision_leaves_m_t_in_float32(toy, ckpts):
-    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
-    teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
+    model, processor = models.load_llava(ckpts / "student", torch.float32)
+    teacher, _ = models.load_llava(ckpts / "teacher", torch.float32)
     teacher.eval().requires_grad_(False)
     llava_kd.apply_stage(model, "dft")
     m_t = llava_kd.teacher_gram(teacher, model)
@@ -758,7 +762,7 @@ def mixed_precision_leaves_m_t_in_float32(toy, ckpts):
         return fused_loss(*args, **kwargs)
 
     llava_kd.fused_loss = recording  # in the forked process alone
-    student = runtime.shard(llava_kd.Student(model, m_t), model, bf16=True)
+    student = procs.shard(llava_kd.Student(model, m_t), model, bf16=True)
     ds = data.LlavaDataset(
         f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
     )
@@ -897,8 +901,8 @@ def test_the_shared_tower_is_the_stored_float32_one_beside_a_bf16_teacher(ckpts)
     """On CUDA the teacher loads in bf16; the vision tower it shares with the student (which trains
     beside it and saves it) stays the float32 one of the teacher's checkpoint, bit for bit."""
     source = transformers.LlavaForConditionalGeneration.from_pretrained(ckpts / "teacher")
-    student, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
-    teacher = llava_kd.load_teacher(ckpts / "teacher", student, processor, torch.bfloat16)
+    student, processor = models.load_llava(ckpts / "student", torch.float32)
+    teacher = models.load_teacher(ckpts / "teacher", student, processor, torch.bfloat16)
     assert teacher.model.language_model.dtype == torch.bfloat16
     assert student.model.vision_tower is teacher.model.vision_tower
     shared = student.model.vision_tower.state_dict()
@@ -913,7 +917,7 @@ def test_resume_maps_the_train_state_instead_of_reading_it(toy, ckpts, tmp_path)
     extra = ["--init", str(ckpts / "student"), "--max_steps", "1"]
     llava_kd.main(args(toy, "sft", tmp_path, *extra))
     path = str(tmp_path / "checkpoint" / "train_state.pt")
-    state = runtime.read_train_state(path)
+    state = checkpoints.read_train_state(path)
     assert state["step"] == 1 and state["optimizer"]["state"]
     assert path in open("/proc/self/maps").read()
 
@@ -922,8 +926,8 @@ def test_the_student_makes_its_heads_gram_once_an_optimizer_step(toy, ckpts, mon
     """W_s^T W_s is made at a step's first micro-step and reused for the rest of the step; a
     trained head's again at the next step, so that L_rel is that of the head as it is then; a
     frozen head's (dpt) once a run."""
-    model, processor = llava_kd.load_llava(ckpts / "student", torch.float32)
-    teacher, _ = llava_kd.load_llava(ckpts / "teacher", torch.float32)
+    model, processor = models.load_llava(ckpts / "student", torch.float32)
+    teacher, _ = models.load_llava(ckpts / "teacher", torch.float32)
     teacher.eval().requires_grad_(False)
     made = []
     head_gram = llava_kd.head_gram

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import runtime
+import signals
 from test_train import ROOT
 
 STANDIN = """#!{python}
@@ -41,8 +41,8 @@ if "train" in argv and os.environ.get("STANDIN_SECONDS"):  # a stage: stops on a
 @pytest.fixture
 def standin(tmp_path):
     python = tmp_path / "python"
-    signals = "(" + ", ".join(f"signal.{s.name}" for s in runtime.Preemption.SIGNALS) + ")"
-    python.write_text(STANDIN.format(python=sys.executable, signals=signals))
+    names = "(" + ", ".join(f"signal.{s.name}" for s in signals.Preemption.SIGNALS) + ")"
+    python.write_text(STANDIN.format(python=sys.executable, signals=names))
     python.chmod(0o755)
     record = tmp_path / "record.jsonl"
     env = dict(os.environ, PYTHON=str(python), STANDIN_RECORD=str(record), OUT=str(tmp_path / "O"))
@@ -62,7 +62,7 @@ def launched(argv, ngpu, nnodes, node_rank="0"):
     i = argv.index("llava_kd.py")
     if i == 0:
         return None, argv[2:]
-    assert argv[0] == "runtime.py", argv  # torchrun, without its traceback
+    assert argv[0] == "processes.py", argv  # torchrun, without its traceback
     return argv[1:i], argv[i + 2 :]
 
 
@@ -164,7 +164,7 @@ def running_stages(record, n, proc):
     return [r for r in records(record) if "train" in r["argv"]]
 
 
-@pytest.mark.parametrize("signum", runtime.Preemption.SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", signals.Preemption.SIGNALS, ids=lambda s: s.name)
 def test_the_toy_recipe_passes_each_signal_on_to_every_stage_and_starts_nothing_after(
     standin, signum
 ):

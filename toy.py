@@ -19,9 +19,11 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
+import checkpoints
 import data
-import llava_kd
-import runtime
+import errors
+import flags
+import models
 
 # The toy data set: small images of two shapes, questions about colour, shape, size and position.
 COLOURS = {
@@ -400,7 +402,7 @@ def make_toy(out, seed=0, vision_steps=150, llm_steps=(600, 400), **data_sizes):
 def evaluate(model_dir, data_json, images, batch_size=32, max_new_tokens=10):
     """Exact-match accuracy of greedy answers to the first question of each sample (the toy test
     set)."""
-    model, processor = llava_kd.load_llava(model_dir)
+    model, processor = models.load_llava(model_dir)
     model.eval()
     ds = data.LlavaDataset(data_json, images, processor, chat=True, max_length=4096)
     tok, correct = processor.tokenizer, 0
@@ -475,7 +477,7 @@ def probe(model_dir, data_json, images, n_scenes=600, seed=0):
     a linear probe on the next-token log-probs tells the colour and the shape of the object in each
     patch's quadrant (or none), trained on the patches of 2/3 of n_scenes new scenes, tested on the
     rest."""
-    model, processor = llava_kd.load_llava(model_dir)
+    model, processor = models.load_llava(model_dir)
     model.eval()
     rng = random.Random(seed + 3)
     scenes = [_toy_scene(rng) for _ in range(n_scenes)]
@@ -668,10 +670,9 @@ def main(argv=None):
     if a.cmd == "setup":  # setup.json last: a rerun of the recipe keeps the setup it trained on
         marker, asked = os.path.join(a.out, "setup.json"), dict(seed=a.seed, quick=a.quick)
         try:
-            made = (
-                runtime.read_marker(marker, ("seed", "quick")) if os.path.isfile(marker) else None
-            )
-        except data.UserError as e:  # a stop while it was written
+            found = os.path.isfile(marker)
+            made = checkpoints.read_marker(marker, ("seed", "quick")) if found else None
+        except errors.UserError as e:  # a stop while it was written
             raise SystemExit(f"error: {e}: delete {a.out} to set the toy up again") from None
         if made is None:
             make_toy(a.out, a.seed, **(QUICK if a.quick else {}))
@@ -684,8 +685,8 @@ def main(argv=None):
     elif a.cmd == "eval":
         try:
             for model in a.model:
-                runtime.check_checkpoint("model", model, *runtime.CHECKPOINT_FLAGS["init"])
-        except data.UserError as e:
+                flags.check_checkpoint("model", model, *flags.CHECKPOINT_FLAGS["init"])
+        except errors.UserError as e:
             raise SystemExit(f"error: {e}") from None
         if a.prior:
             acc = question_prior(a.prior, a.data)

@@ -53,8 +53,8 @@ else
 fi
 stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   # torchrun forwards SIGUSR1 too, and waits 15 min (not 30 s) for the workers to checkpoint and exit;
-  # runtime.py is torchrun without its traceback when a stage fails
-  local launch="$PYTHON runtime.py $NODES --nproc_per_node=$NGPU" fsdp= out= prev= arg
+  # processes.py is torchrun without its traceback when a stage fails
+  local launch="$PYTHON processes.py $NODES --nproc_per_node=$NGPU" fsdp= out= prev= arg
   launch="$launch --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown_timeout=900"
   # FSDP2 (Table A9's ZeRO-3) where a whole LLM trains (sft, dft) on several processes: by the memory
   # plan (--plan) a 4B teacher's SFT on 8 GPUs, checkpointed, is 91 GiB a GPU under DDP, 26 sharded
