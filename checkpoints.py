@@ -113,11 +113,14 @@ def find_checkpoint(out):
     )
 
 
-def continue_out(a, master, digest):
-    """--auto_resume (train.sh): what --out holds decides. The stage finished there with these
-    flags: True, skip it. A complete checkpoint: resume it (a damaged done.json: published again).
-    Nothing: start (dropping what a crash before the first checkpoint left). Another setting than
-    the one it was started with: refused."""
+def how_to_start(a, master, digest):
+    """How the run begins in --out: "resume", "start" or "skip" (the one place that decides). As
+    --resume says; with --auto_resume (train.sh) what --out holds decides. The stage finished
+    there with these flags: skip it. A complete checkpoint: resume it (a damaged done.json:
+    published again). Nothing: start (dropping what a crash before the first checkpoint left).
+    Another setting than the one it was started with: refused."""
+    if not a.auto_resume or a.plan or a.plan_gpus:
+        return "resume" if a.resume else "start"
     path = os.path.join(a.out, DONE)
     resumable = newest_checkpoint(a.out)[0] is not None
     if os.path.isfile(path):
@@ -134,17 +137,16 @@ def continue_out(a, master, digest):
                 print(f"stage {a.stage}: finished in {a.out} (step {done['step']}): skipped")
             for name in CHECKPOINTS if master and done.get("finished") else ():
                 shutil.rmtree(os.path.join(a.out, name), ignore_errors=True)  # a stop left it
-            return True
+            return "skip"
         if not resumable:
             raise errors.UserError(
                 f"{path}: the stage finished at step {done['step']} and its checkpoint was "
                 f"removed, so it cannot go on to --max_steps {a.max_steps}: give a new --out"
             )
-    a.resume = resumable
-    return False
+    return "resume" if resumable else "start"
 
 
-def claim_out(a, master):
+def claim_out(a, master, resume):
     """--out belongs to this run: two runs do not write at once (a lock: host and pid, removed at
     exit), and a new run does not write over another's model or checkpoint. A log or a torn
     checkpoint of a run that stopped before its first checkpoint holds nothing: started again."""
@@ -174,7 +176,7 @@ def claim_out(a, master):
     names = ("config.json", "log.jsonl", *CHECKPOINTS)
     held = [n for n in names if os.path.exists(os.path.join(a.out, n))]
     newest, problems = newest_checkpoint(a.out)
-    if ("config.json" in held or newest) and not a.resume:
+    if ("config.json" in held or newest) and not resume:
         damaged = "".join(f"; {p}" for p in problems)
         raise errors.UserError(
             f"--out {a.out} holds another run ({', '.join(held)}{damaged}): continue it with "
@@ -297,22 +299,17 @@ def full_state(student, opt):
     return weights, get_optimizer_state_dict(student, opt, options=full)
 
 
-def save(a, r, master, done):
-    """out/checkpoint after `done` steps (under FSDP every process gathers the full state). Rank 0
+def save(out, state, model, processor, student, opt, names, fsdp, master):
+    """out/checkpoint: the model and processor, and `state` (the step, the schedule, the flags)
+    with AdamW's state by parameter name. Under FSDP every process gathers the full state; rank 0
     writes, the others wait: nobody runs ahead of a checkpoint being written."""
-    full_weights, opt_state = full_state(r.student, r.opt) if a.fsdp else (None, None)
-    state = dict(
-        step=done,
-        total=r.total,
-        global_batch=r.global_batch,
-        seed=a.seed,
-        optimizer=opt_state if a.fsdp else rekeyed(r.opt.state_dict(), dict(enumerate(r.names))),
-        args=r.args,
-    )
-    what = f"writing the checkpoint of step {done} (the last complete one is kept: --resume)"
-    processes.on_rank0(
-        master, what, save_checkpoint, r.model, r.processor, state, a.out, full_weights
-    )
+    full_weights, opt_state = full_state(student, opt) if fsdp else (None, None)
+    if not fsdp:
+        opt_state = rekeyed(opt.state_dict(), dict(enumerate(names)))
+    state = dict(state, optimizer=opt_state)
+    step = state["step"]
+    what = f"writing the checkpoint of step {step} (the last complete one is kept: --resume)"
+    processes.on_rank0(master, what, save_checkpoint, model, processor, state, out, full_weights)
 
 
 def rekeyed(opt_state, key):

@@ -18,6 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import chat
 import errors
+import processes
 import signals
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
@@ -348,7 +349,7 @@ def loader_workers(asked):
     the process itself, 8 at most (an image takes ~22 ms to decode and process: 8 a micro-batch)."""
     if asked is not None:
         return asked
-    cpus = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cpus = len(os.sched_getaffinity(0)) // processes.per_node()
     return max(0, min(8, cpus - 1))
 
 

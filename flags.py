@@ -84,7 +84,7 @@ def check_flags(a, world, stage, table):
     if (a.plan_gpus is None) != (a.plan_gib is None):
         raise errors.UserError("--plan_gpus N and --plan_gib G come together (the device's GiB)")
     if a.plan_gpus:  # the plan of another machine: no data read, no torchrun
-        a.plan = True
+        pass
     elif not a.data or not a.images:
         raise errors.UserError("--data JSON and --images DIR are needed (--plan_gpus: not)")
     elif not os.path.isfile(a.data):

@@ -14,6 +14,7 @@ data.py; the flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -509,40 +510,52 @@ def check(a, device, world, rank):
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = flags.check_flags(a, world, stage, TABLE_A9[a.stage])
     digest = None if a.plan_gpus else data.file_sha256(a.data)
-    if a.auto_resume and not a.plan and checkpoints.continue_out(a, rank == 0, digest):
-        return None  # finished before: nothing to do
+    how = checkpoints.how_to_start(a, rank == 0, digest)
+    if how == "skip":  # finished before: nothing to do
+        return None
+    plan = a.plan or bool(a.plan_gpus)  # --plan_gpus: the plan of another machine
     samples = [] if a.plan_gpus else data.read_samples(a.data, a.images, rank, world)
     if len(samples) < global_batch and not a.plan_gpus:
         raise errors.UserError(
             f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
             f"lower --global_batch_size"
         )
-    if not a.plan:
-        checkpoints.claim_out(a, rank == 0)
-    ckpt = checkpoints.find_checkpoint(a.out) if a.resume else None
+    if not plan:
+        checkpoints.claim_out(a, rank == 0, how == "resume")
+    ckpt = checkpoints.find_checkpoint(a.out) if how == "resume" else None
     source = ckpt or a.init
     # the memory plan, from the configs alone: it stops a run that would not fit before it loads
     student = memory.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = memory.meta_llava(a.teacher) if stage["teacher"] else None
-    if teacher is not None and source is None:
-        models.check_tower_shape(student, teacher, a.vision, a.teacher)
-    memory.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
-    if a.plan:
+    if teacher is not None:  # from configs and processors: no weight read yet
+        models.check_teacher(student, teacher, source, a.vision, a.teacher)
+    plan_args = (a, world, device, student, teacher, rank == 0, global_batch)
+    checkpointing = memory.check_memory(*plan_args)
+    if plan:
         return None
-    state = checkpoints.read_train_state(os.path.join(ckpt, "train_state.pt")) if a.resume else None
-    if a.resume:  # the same flags as the checkpoint's, but those that may change
+    state = None
+    if ckpt:  # the same flags as the checkpoint's, but those that may change
+        state = checkpoints.read_train_state(os.path.join(ckpt, "train_state.pt"))
         checkpoints.check_resume(a, state["args"], digest)
     # every answer's length, with the processor alone
     left_out = data.check_lengths(source, a, stage["chat"], samples, rank, world) if source else []
-    return global_batch, samples, state, source, left_out, digest
+    return types.SimpleNamespace(
+        global_batch=global_batch,
+        samples=samples,
+        state=state,
+        source=source,
+        left_out=left_out,
+        digest=digest,
+        checkpointing=checkpointing,
+    )
 
 
 def load(a, checked, cuda, world, rank):
     """The models and the data set that check read the way to: (model, processor, teacher, data
     set, the indices of the samples that --drop_too_long leaves out on this process)."""
     stage = STAGES[a.stage]
-    _, samples, _, source, left_out, _ = checked
+    source, left_out = checked.source, checked.left_out
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
@@ -560,26 +573,44 @@ def load(a, checked, cuda, world, rank):
         teacher = models.load_teacher(a.teacher, model, processor, dtype, new, attn)
     chat.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
-        a.data, a.images, processor, chat=stage["chat"], max_length=a.max_length, samples=samples
+        a.data,
+        a.images,
+        processor,
+        chat=stage["chat"],
+        max_length=a.max_length,
+        samples=checked.samples,
     )
     if source is None:  # a new student: checked with its processor, built with its weights
         left_out = ds.check_lengths(rank, world, a.drop_too_long)
     return model, processor, teacher, ds, left_out
 
 
-def wire(a, ddp, cuda, device, rank, world):
-    """What a stage needs before its first step: the checks (flags and every sample first: a typo
-    costs seconds, not a teacher's loading time), the models in their modes, the student wrapped
-    (DDP or FSDP2), AdamW, the schedule and the step to resume at. None: nothing to train."""
-    checked = processes.agreed(check, a, device, world, rank)
-    processes.print_notes(rank == 0)
-    if checked is None:  # --plan printed, or the stage had finished
-        return None
-    global_batch, _, state, _, _, digest = checked
-    model, processor, teacher, ds, left_out = processes.agreed(load, a, checked, cuda, world, rank)
-    processes.print_notes(rank == 0)
-    if a.drop_too_long:
-        data.leave_out(ds, processes.gathered(left_out), global_batch, a.out, rank == 0)
+@dataclasses.dataclass
+class Run:
+    """A stage's run as the loop reads it (set_up makes it; no other file reads it)."""
+
+    model: torch.nn.Module  # the student's LLaVA
+    processor: transformers.ProcessorMixin
+    teacher: torch.nn.Module | None
+    student: torch.nn.Module  # what runs the student: Student, or DDP or FSDP2 around it
+    params: list  # the trained parameters, in AdamW's order
+    names: list  # their names in Student (AdamW's state is saved by name)
+    opt: torch.optim.Optimizer
+    ds: data.LlavaDataset
+    table: dict  # TABLE_A9[stage]
+    lr: float
+    global_batch: int
+    accum: int  # micro-steps a step, each process
+    steps_per_epoch: int
+    total: int  # the schedule's steps
+    end: int  # the step this run stops at: total, or --max_steps
+    step: int  # the step it starts at
+    args: dict  # the flags and the data's SHA-256: what a checkpoint and done.json record
+
+
+def place_models(a, model, teacher, checkpointing, ddp, cuda, device):
+    """The student's LLaVA on its device in its modes, wrapped for training (DDP or FSDP2), and the
+    teacher beside it: (what runs the student, the teacher)."""
     apply_stage(model, a.stage)
     model.to(device)
     memory.hold_frozen_in_bf16(model, cuda)
@@ -587,19 +618,37 @@ def wire(a, ddp, cuda, device, rank, world):
     # mode); the vision tower, frozen and shared with the teacher, stays in eval mode as the teacher
     model.train()
     model.model.vision_tower.eval()
-    if a.grad_checkpointing:  # transformers 5.x: activation_checkpointing_enable, the new name
+    if checkpointing:  # transformers 5.x: activation_checkpointing_enable, the new name
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
     teacher = teacher.to(device) if teacher is not None else None
     m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     student = Student(model, m_t)
     if a.fsdp:
-        student = processes.shard(student, model, bf16=cuda)
-    elif ddp:
+        return processes.shard(student, model, bf16=cuda), teacher
+    if ddp:
         # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
         # unused ones; the gradients live in DDP's buckets (no second copy)
         ids = [device.index] if cuda else None
         student = DDP(student, device_ids=ids, gradient_as_bucket_view=True)
+    return student, teacher
+
+
+def set_up(a, ddp, cuda, device, rank, world):
+    """What a stage needs before its first step: the checks (flags and every sample first: a typo
+    costs seconds, not a teacher's loading time), the models placed, AdamW, the schedule and the
+    step to resume at. None: nothing to train."""
+    checked = processes.agreed(check, a, device, world, rank)
+    processes.print_notes(rank == 0)
+    if checked is None:  # --plan printed, or the stage had finished
+        return None
+    global_batch, state = checked.global_batch, checked.state
+    model, processor, teacher, ds, left_out = processes.agreed(load, a, checked, cuda, world, rank)
+    processes.print_notes(rank == 0)
+    if a.drop_too_long:
+        data.leave_out(ds, processes.gathered(left_out), global_batch, a.out, rank == 0)
+    placed = (a, model, teacher, checked.checkpointing, ddp, cuda, device)
+    student, teacher = place_models(*placed)
     params = [p for p in model.parameters() if p.requires_grad]
     names = ["llava." + n for n, p in model.named_parameters() if p.requires_grad]  # Student's
     table = TABLE_A9[a.stage]
@@ -610,16 +659,14 @@ def wire(a, ddp, cuda, device, rank, world):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=fused)
     steps_per_epoch = len(ds) // global_batch
     total = steps_per_epoch * (table["epochs"] if a.epochs is None else a.epochs)
-    step = 0
-    if a.resume:
+    if state is not None:
         if (state["total"], state["global_batch"]) != (total, global_batch):
             raise errors.agreed_error(  # every process read the same checkpoint
                 f"--resume: the checkpoint in {a.out} was written for {state['total']} steps of "
                 f"{state['global_batch']}, not {total} of {global_batch}: another data size"
             )
         checkpoints.load_optimizer(student, opt, state["optimizer"], a.fsdp, names)
-        step = state["step"]
-    return types.SimpleNamespace(
+    return Run(
         model=model,
         processor=processor,
         teacher=teacher,
@@ -631,13 +678,20 @@ def wire(a, ddp, cuda, device, rank, world):
         table=table,
         lr=lr,
         global_batch=global_batch,
-        accum=global_batch // (a.batch_size * world),  # micro-steps a step, each process
+        accum=global_batch // (a.batch_size * world),
         steps_per_epoch=steps_per_epoch,
         total=total,
-        end=total if a.max_steps is None else min(total, a.max_steps),  # the schedule: total's
-        step=step,
-        args=dict(vars(a), data_sha256=digest),  # what a checkpoint and done.json record
+        end=total if a.max_steps is None else min(total, a.max_steps),
+        step=0 if state is None else state["step"],
+        args=dict(vars(a), data_sha256=checked.digest),
     )
+
+
+def save(a, r, master, done):
+    """out/checkpoint after `done` steps (checkpoints.save)."""
+    state = dict(step=done, total=r.total, global_batch=r.global_batch, seed=a.seed, args=r.args)
+    run = (r.model, r.processor, r.student, r.opt, r.names, a.fsdp, master)
+    checkpoints.save(a.out, state, *run)
 
 
 def forward_backward(a, r, micro, counts, ddp, device, step):
@@ -670,7 +724,7 @@ def train(a):
     preemption = signals.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
     ddp, cuda, device, rank, world = start(a)
     master = rank == 0
-    r = wire(a, ddp, cuda, device, rank, world)
+    r = set_up(a, ddp, cuda, device, rank, world)
     if r is None:
         if ddp:
             dist.destroy_process_group()
@@ -698,7 +752,7 @@ def train(a):
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
         if failed:  # an image that did not decode or a dead loader worker, on any process: stop
-            checkpoints.save(a, r, master, step)  # at the last whole step
+            save(a, r, master, step)  # at the last whole step
             fix = "replace the file with a readable image, --resume"
             held = f"{ckpt} holds step {step}"
             messages = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
@@ -741,7 +795,7 @@ def train(a):
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
         if step + 1 == r.end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
-            checkpoints.save(a, r, master, step + 1)
+            save(a, r, master, step + 1)
         if stopping:
             by = preemption.received or "a signal to another process"
             raise errors.agreed_error(

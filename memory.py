@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import errors
+import processes
 
 
 def hold_frozen_in_bf16(model, cuda):
@@ -218,14 +219,15 @@ def device_bytes(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return ram / processes.per_node()
 
 
 def check_memory(a, world, device, student, teacher, master, global_batch=None):
-    """Prints the plan (rank 0) and stops, naming what would fit, when this run's does not."""
+    """Prints the plan (rank 0) and stops, naming what would fit, when this run's does not.
+    Returns whether the run checkpoints activations: --grad_checkpointing, or where it needs to."""
     cuda = device.type == "cuda" or bool(a.plan_gpus)  # --plan_gpus: what its GPUs would hold
     limit = a.plan_gib * 2**30 if a.plan_gpus else device_bytes(device)
-    per_node = a.plan_gpus or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    per_node = a.plan_gpus or processes.per_node(world)
 
     def total(batch, fsdp, checkpointing):
         accum = (global_batch or batch * world) // (batch * world)
@@ -233,74 +235,82 @@ def check_memory(a, world, device, student, teacher, master, global_batch=None):
         rows = memory_plan(student, teacher, batch, *plan)
         return rows, plan_total(rows, checkpointing, cuda)
 
-    ddp, _ = total(a.batch_size, False, False)
-    sharded, _ = total(a.batch_size, True, False)
-    mode = f"FSDP2 x {world}" if a.fsdp else "DDP" if world > 1 else "one process"
-    _, need = total(a.batch_size, a.fsdp, a.grad_checkpointing)
+    checkpointing = a.grad_checkpointing
+    _, need = total(a.batch_size, a.fsdp, checkpointing)
     _, checkpointed = total(a.batch_size, a.fsdp, True)
     if need > limit >= checkpointed:  # on where the stage needs it (the flag forces it anywhere)
-        a.grad_checkpointing = True
+        checkpointing = True
         if master:
             print(
                 f"note: --grad_checkpointing turned on: the plan is {need / 2**30:.1f} GiB without"
             )
         need = checkpointed
-    ckpt = "on" if a.grad_checkpointing else "off"
+    mode = f"FSDP2 x {world}" if a.fsdp else "DDP" if world > 1 else "one process"
+    ckpt = "on" if checkpointing else "off"
     if master:
         where = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else "CPU, "
         where = "--plan_gib's " if a.plan_gpus else where
-        print(
-            f"memory plan, GiB a process ({a.stage}; micro-batch {a.batch_size} x {a.max_length} "
-            f"tokens; {'bf16 autocast' if cuda else 'float32'}; {world} process(es)):"
-        )
-        columns = [ddp, sharded] if world > 1 else [ddp]
-        heads = ["DDP", f"FSDP2 x {world}"] if world > 1 else ["one process"]
-        print(f"  {'':68s}" + "".join(f"{h:>13s}" for h in heads))
-        when = {"held": "held", "forward": "forward", "step": "opt step"}
-        lines = [(f"{name} [{when[w]}]", name) for name, _, w in ddp]
-        lines += [(f"total, checkpointing {c}", c) for c in ("off", "on")]
-        for label, name in lines:
-            cells = []
-            for rows in columns:
-                found = {what: b for what, b, _ in rows}
-                found["off"] = plan_total(rows, False, cuda)
-                found["on"] = plan_total(rows, True, cuda)
-                cells.append(f"{found[name] / 2**30:13.2f}")
-            print(f"  {label:68s}" + "".join(cells))
-        print(
-            "  (total: what is held + the larger of the end of a forward and the optimizer step"
-            f"{'; + 10% for fragmentation' if cuda else ''})"
-        )
+        kinds = (False, True) if world > 1 else (False,)  # DDP, and FSDP2 on several processes
+        columns = [total(a.batch_size, fsdp, False)[0] for fsdp in kinds]
+        print_plan(a, world, cuda, columns)
         print(
             f"plan: {need / 2**30:.2f} GiB a process ({mode}, checkpointing {ckpt}) of "
             f"{limit / 2**30:.1f} GiB ({where}device memory)"
         )
     if need <= limit or a.ignore_plan:
-        return
-    # what would fit, in the order that costs least: checkpointing, sharding, a smaller micro-batch
+        return checkpointing
+    raise errors.UserError(
+        f"memory plan: {need / 2**30:.1f} GiB a process ({mode}, checkpointing {ckpt}, "
+        f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
+        f"{limit / 2**30:.1f} GiB of the device; {what_fits(a, world, limit, total, checkpointing)}"
+        f" (--ignore_plan runs it anyway)"
+    )
+
+
+def print_plan(a, world, cuda, columns):
+    """The plan's table: a row for each part, a column for DDP (and FSDP2 on several processes)."""
+    print(
+        f"memory plan, GiB a process ({a.stage}; micro-batch {a.batch_size} x {a.max_length} "
+        f"tokens; {'bf16 autocast' if cuda else 'float32'}; {world} process(es)):"
+    )
+    heads = ["DDP", f"FSDP2 x {world}"] if world > 1 else ["one process"]
+    print(f"  {'':68s}" + "".join(f"{h:>13s}" for h in heads))
+    when = {"held": "held", "forward": "forward", "step": "opt step"}
+    lines = [(f"{name} [{when[w]}]", name) for name, _, w in columns[0]]
+    lines += [(f"total, checkpointing {c}", c) for c in ("off", "on")]
+    for label, name in lines:
+        cells = []
+        for rows in columns:
+            found = {what: b for what, b, _ in rows}
+            found["off"] = plan_total(rows, False, cuda)
+            found["on"] = plan_total(rows, True, cuda)
+            cells.append(f"{found[name] / 2**30:13.2f}")
+        print(f"  {label:68s}" + "".join(cells))
+    print(
+        "  (total: what is held + the larger of the end of a forward and the optimizer step"
+        f"{'; + 10% for fragmentation' if cuda else ''})"
+    )
+
+
+def what_fits(a, world, limit, total, checkpointing):
+    """The change that fits, in the order that costs least: checkpointing, sharding, a smaller
+    micro-batch. total(batch, fsdp, checkpointing): (the plan's rows, its bytes)."""
     options = [(a.batch_size, a.fsdp, True)]
     if world > 1:
-        options += [(a.batch_size, True, a.grad_checkpointing), (a.batch_size, True, True)]
+        options += [(a.batch_size, True, checkpointing), (a.batch_size, True, True)]
     batch = a.batch_size // 2
     while batch >= 1:
         options.append((batch, a.fsdp or world > 1, True))
         batch //= 2
-    for batch, fsdp, checkpointing in options:
-        _, fits = total(batch, fsdp, checkpointing)
+    for batch, fsdp, recompute in options:
+        _, fits = total(batch, fsdp, recompute)
         if fits <= limit:
             changes = []
-            if checkpointing and not a.grad_checkpointing:
+            if recompute and not checkpointing:
                 changes.append("--grad_checkpointing")
             if fsdp and not a.fsdp:
                 changes.append("--fsdp (train.sh: FSDP=1)")
             if batch != a.batch_size:
                 changes.append(f"--batch_size {batch} (train.sh: BATCH={batch})")
-            advice = f"{' and '.join(changes)} fits ({fits / 2**30:.1f} GiB)"
-            break
-    else:
-        advice = "nothing tried fits: more GPUs with --fsdp, or a shorter --max_length"
-    raise errors.UserError(
-        f"memory plan: {need / 2**30:.1f} GiB a process ({mode}, checkpointing {ckpt}, "
-        f"--batch_size {a.batch_size}, --max_length {a.max_length}) exceeds the "
-        f"{limit / 2**30:.1f} GiB of the device; {advice} (--ignore_plan runs it anyway)"
-    )
+            return f"{' and '.join(changes)} fits ({fits / 2**30:.1f} GiB)"
+    return "nothing tried fits: more GPUs with --fsdp, or a shorter --max_length"

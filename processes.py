@@ -14,6 +14,13 @@ import torch.distributed as dist
 
 import errors
 
+
+def per_node(world=1):
+    """The processes of this node: torchrun's LOCAL_WORLD_SIZE; without torchrun, `world` (one
+    process, or the processes a plan is made for)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
 _waits = []  # the process group of the long waits (init_distributed)
 
 
@@ -140,13 +147,13 @@ def shard(student, model, bf16):
 
     # bf16 (on CUDA): parameters gathered in bf16, gradients reduced in float32
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    nodes = dist.get_world_size() // per_node
+    on_node = per_node(dist.get_world_size())
+    nodes = dist.get_world_size() // on_node
     device = model.lm_head.weight.device.type
-    mesh = init_device_mesh(device, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh(device, (nodes, on_node), mesh_dim_names=("replicate", "shard"))
     mesh = mesh if nodes > 1 else mesh["shard"]
     if dist.get_rank() == 0:
-        print(f"FSDP2: sharded over {per_node} processes, replicated over {nodes} node(s)")
+        print(f"FSDP2: sharded over {on_node} processes, replicated over {nodes} node(s)")
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     tower = set(model.model.vision_tower.parameters())

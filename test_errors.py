@@ -339,3 +339,24 @@ def test_a_new_student_on_a_tower_of_another_shape_than_the_teachers_is_refused_
         f"{wide}'s: hidden_size {config.hidden_size} (teacher {config.hidden_size // 2}); a new "
         f"student takes the teacher's tower: --vision {ckpts / 'teacher'}"
     )
+
+
+def test_a_teacher_of_other_visual_tokens_is_refused_before_any_weight_is_read(
+    toy, ckpts, tmp_path, no_weights
+):
+    """Compatibility from the configs and processors alone: a teacher whose processor makes 64
+    visual tokens an image (the student's: 16) is refused in one line naming it, though reading its
+    weights would fail (no_weights)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ckpts / "teacher", teacher)
+    config = json.loads((teacher / "processor_config.json").read_text())
+    config["image_processor"]["size"] = {"height": 64, "width": 64}
+    (teacher / "processor_config.json").write_text(json.dumps(config))
+    argv = args(toy, tmp_path / "out") + ["--init", str(ckpts / "student")]
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(argv + ["--teacher", str(teacher)])
+    assert str(e.value) == (
+        "error: teacher and student cannot be distilled:\n  visual tokens per image differ: "
+        "teacher 64, student 16 (use the teacher's vision tower for the student: --vision "
+        "TEACHER_DIR)"
+    )

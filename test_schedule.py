@@ -73,3 +73,32 @@ def test_more_steps_asked_than_the_schedule_has_end_with_the_schedule(toy, ckpts
     assert not (out / "checkpoint").exists()
     lrs = [json.loads(line)["lr"] for line in open(out / "log.jsonl")]
     assert lrs[-1] == pytest.approx(llava_kd.lr_at(5, 6, 1e-3, 0.03))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. "),
+        ConnectionResetError(104, "Connection reset by peer"),
+        EOFError(),
+    ],
+    ids=["the loader says so", "its connection breaks", "its pipe ends"],
+)
+def test_a_dead_loader_worker_is_one_error_batch_however_it_shows(error):
+    """A worker that dies is found by the loader (a RuntimeError naming it) or, when it died handing
+    over a batch, by the connection to it breaking: either way the step gets one micro-batch naming
+    it (the loop then checkpoints the last whole step), not a traceback."""
+
+    def batches():
+        yield dict(errors=[])
+        raise error
+
+    (micro,) = data.take(batches(), 2)
+    assert "DataLoader worker" in micro["errors"][0] and micro["fix"] == "--resume"
+
+    def broken():
+        raise RuntimeError("another error")
+        yield
+
+    with pytest.raises(RuntimeError, match="another error"):  # any other error is raised
+        data.take(broken(), 1)
