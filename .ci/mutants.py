@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 
-LOSS = ["test_losses.py", "test_properties.py"]
-DATA = ["test_model_data.py", "test_properties.py", "test_errors.py"]
-LOOP = ["test_train.py", "test_properties.py", "test_nothing_lost.py"]
-RUNTIME = ["test_nothing_lost.py", "test_plan.py", "test_continue.py", "test_properties.py"]
-SCRIPT = ["test_properties.py", "test_continue.py", "test_recipe.py"]
+LOSS = ["test_losses.py", "tests/test_properties.py"]
+DATA = ["tests/test_model_data.py", "tests/test_properties.py", "tests/test_errors.py"]
+LOOP = ["tests/test_train.py", "tests/test_properties.py", "tests/test_nothing_lost.py"]
+RUNTIME = ["tests/test_nothing_lost.py", "tests/test_plan.py", "tests/test_continue.py"]
+RUNTIME += ["tests/test_properties.py"]
+SCRIPT = ["tests/test_properties.py", "tests/test_continue.py", "tests/test_recipe.py"]
 
 MUTANTS = [
     # the twelve properties of issue 43
@@ -83,7 +84,7 @@ MUTANTS = [
         "convert_tinyllava.py",
         'for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):',
         'for k in ("model.language_model.embed_tokens.weight",):',
-        ["test_properties.py", "test_convert.py"],
+        ["tests/test_properties.py", "tests/test_convert.py"],
     ),
     (
         "length check shifts by all image tokens",
@@ -155,7 +156,7 @@ MUTANTS = [
         "data.py",
         "_check(row, i, image_folder, moved, i % world == rank)",
         "_check(row, i, image_folder, moved, i % world == 0)",
-        DATA + ["test_train.py"],
+        DATA + ["tests/test_train.py"],
     ),
     (
         "truncation one token short",
@@ -257,14 +258,14 @@ MUTANTS = [
         "convert_tinyllava.py",
         "** 2 - 1 + int(clip)",
         "** 2 + int(clip)",
-        ["test_convert.py"],
+        ["tests/test_convert.py"],
     ),
     (
         "converter takes the last layer",
         "convert_tinyllava.py",
         'vision_feature_layer=cfg.get("vision_feature_layer", -2)',
         'vision_feature_layer=cfg.get("vision_feature_layer", -1)',
-        ["test_convert.py"],
+        ["tests/test_convert.py"],
     ),
     # train.sh and the toy
     (
@@ -279,7 +280,7 @@ MUTANTS = [
         "train.sh",
         'for s in TERM INT HUP QUIT USR1; do trap "kill',
         'for s in TERM INT HUP QUIT; do trap "kill',
-        SCRIPT + ["test_nothing_lost.py"],
+        SCRIPT + ["tests/test_nothing_lost.py"],
     ),
     (
         "toy: PT-SFT-DFT from PT",
@@ -293,14 +294,14 @@ MUTANTS = [
         "toy.py",
         "/ max(len(xs) - 1, 1)) ** 0.5",
         "/ max(len(xs), 1)) ** 0.5",
-        ["test_toy.py"],
+        ["tests/test_toy.py"],
     ),
     (
         "toy prior: the least frequent answer",
         "toy.py",
         "answers[q].most_common(1)[0][0]",
         "answers[q].most_common()[-1][0]",
-        ["test_toy.py", "test_recipe.py"],
+        ["tests/test_toy.py", "tests/test_recipe.py"],
     ),
     # round 3 (issue 44): the lean block's gradients, CUDA's GEMMs, W_s^T W_s once a step
     ("lean block: phi_s without the KL's weight", "llava_kd.py", "c = a + b\n", "c = a\n", LOSS),
@@ -395,7 +396,7 @@ MUTANTS = [
         "checkpoints.py",
         "ckpt = newest_checkpoint(out)[0]  # checkpoint/, or a save's leftover",
         'ckpt = os.path.join(out, "checkpoint")  # checkpoint/, or a save\'s leftover',
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "complete.json written before train_state.pt",
@@ -414,49 +415,49 @@ MUTANTS = [
             '            json.dump(dict(step=state["step"], files=sizes), f)\n'
             '        torch.save(state, os.path.join(tmp, "train_state.pt"))'
         ),
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "only checkpoint/ is looked for",
         "checkpoints.py",
         "    for name in CHECKPOINTS:\n        path = os.path.join(out, name)\n        problem",
         "    for name in CHECKPOINTS[:1]:\n        path = os.path.join(out, name)\n        problem",
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "a finished stage's leftover checkpoint kept",
         "checkpoints.py",
         'for name in CHECKPOINTS if master and done.get("finished") else ():',
         "for name in ():",
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "safetensors' full disk not seen",
         "errors.py",
         "by_message = os.strerror(errno.ENOSPC) in str(error)",
         "by_message = False",
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "a failed save's tmp cleaned on OSError alone",
         "checkpoints.py",
         "    except Exception as e:  # OSError, torch.save's RuntimeError, SafetensorError",
         "    except (OSError, RuntimeError) as e:",
-        ["test_crash_points.py"],
+        ["tests/test_crash_points.py"],
     ),
     (
         "a crashed start's log blocks the same command",
         "checkpoints.py",
         'if ("config.json" in held or newest) and not resume:',
         "if held and not resume:",
-        ["test_nothing_lost.py", "-k", "failed_before"],
+        ["tests/test_nothing_lost.py", "-k", "failed_before"],
     ),
     (
         "done.json read raw",
         "checkpoints.py",
         'done = read_marker(path, ("step", "args"))',
         "done = json.load(open(path))",
-        ["test_continue.py", "-k", "torn"],
+        ["tests/test_continue.py", "-k", "torn"],
     ),
     # signals at every phase (test_signal_points)
     (
@@ -464,35 +465,35 @@ MUTANTS = [
         "signals.py",
         "        if not self.stepping:\n            raise",
         "        if False:\n            raise",
-        ["test_signal_points.py", "-k", "each_signal"],
+        ["tests/test_signal_points.py", "-k", "each_signal"],
     ),
     (
         "handlers left installed after a run",
         "signals.py",
         "        for s, handler in self.before.items():\n            signal.signal(s, handler)",
         "        for s, handler in self.before.items():\n            pass",
-        ["test_signal_points.py", "-k", "leaves"],
+        ["tests/test_signal_points.py", "-k", "leaves"],
     ),
     (
         "a stop request never bounds its step",
         "signals.py",
         "if self.in_step and time.monotonic() - max(at, self.began) > bound:",
         "if self.in_step and time.monotonic() - max(at, self.began) > 10 * bound:",
-        ["test_signal_points.py", "-k", "never_comes"],
+        ["tests/test_signal_points.py", "-k", "never_comes"],
     ),
     (
         "torchrun waits 30 s for the workers to checkpoint",
         "train.sh",
         "--shutdown_timeout=900",
         "--shutdown_timeout=30",
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     (
         "the toy recipe passes every signal on as SIGTERM",
         "train.sh",
         'trap "signalled=$s; forward $s" "$s"',
         'trap "signalled=$s; forward TERM" "$s"',
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     # train.sh as a program (test_train_sh: every setting against its commands)
     (
@@ -500,28 +501,28 @@ MUTANTS = [
         "train.sh",
         'elif [ "$WORLD" = 1 ]; then',
         'elif [ "$NGPU" = 1 ]; then',
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     (
         "FSDP=auto shards dpt too",
         "train.sh",
         "[[ $1 == sft || $1 == dft ]]",
         "[[ $1 != pt ]]",
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     (
         "every node rank 0",
         "train.sh",
         "--node_rank=${NODE_RANK:?set NODE_RANK}",
         "--node_rank=0",
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     (
         "two recipes on one OUT",
         "train.sh",
         "if flock -w 5 -E 75 9; then",
         "if true; then",
-        ["test_train_sh.py"],
+        ["tests/test_train_sh.py"],
     ),
     # schedules and counts (test_schedule: properties over drawn cases)
     (
@@ -529,14 +530,14 @@ MUTANTS = [
         "data.py",
         "whole = len(rest) // global_batch * global_batch  # then what is left of both, mixed",
         "whole = 0",
-        ["test_schedule.py"],
+        ["tests/test_schedule.py"],
     ),
     (
         "--max_steps past the schedule",
         "llava_kd.py",
         "end=total if a.max_steps is None else min(total, a.max_steps)",
         "end=total if a.max_steps is None else a.max_steps",
-        ["test_schedule.py"],
+        ["tests/test_schedule.py"],
     ),
     # unequal shapes (test_train: the loop against the equations over model pairs)
     (
@@ -544,21 +545,21 @@ MUTANTS = [
         "llava_kd.py",
         "v = min(len(teacher.lm_head.weight), len(model.lm_head.weight))",
         "v = len(teacher.lm_head.weight)",
-        ["test_train.py", "-k", "real_step"],
+        ["tests/test_train.py", "-k", "real_step"],
     ),
     (
         "the student's own tower swapped for the teacher's",
         "models.py",
         "    if differ and not new_student:\n        errors.note(",
         "    if False:\n        errors.note(",
-        ["test_train.py", "-k", "real_step"],
+        ["tests/test_train.py", "-k", "real_step"],
     ),
     (
         "an untied head frozen",
         "llava_kd.py",
         '"llm": ("model.language_model.", "lm_head."),',
         '"llm": ("model.language_model.",),',
-        ["test_train.py", "-k", "untied"],
+        ["tests/test_train.py", "-k", "untied"],
     ),
     # chat and generation (test_chat: differences that must not matter)
     (
@@ -566,21 +567,21 @@ MUTANTS = [
         "chat.py",
         "eos_token_id = after + [i for i in dict.fromkeys(old) if i != after[0]]",
         "eos_token_id = after",
-        ["test_chat.py"],
+        ["tests/test_chat.py"],
     ),
     (
         "generation pads on the right",
         "toy.py",
         'tok.padding_side = "left"',
         'tok.padding_side = "right"',
-        ["test_chat.py"],
+        ["tests/test_chat.py"],
     ),
     (
         "a later turn's <image> leaves its newline",
         "data.py",
         'c["value"] = c["value"].replace("<image>", "").strip()',
         'c["value"] = c["value"].replace("<image>", "")',
-        ["test_chat.py"],
+        ["tests/test_chat.py"],
     ),
     # which process group waits (test_nothing_lost: every collective's group recorded)
     (
@@ -588,14 +589,14 @@ MUTANTS = [
         "processes.py",
         "dist.all_gather_object(messages, message, group=_waits[-1])",
         "dist.all_gather_object(messages, message)",
-        ["test_nothing_lost.py", "-k", "long_waits"],
+        ["tests/test_nothing_lost.py", "-k", "long_waits"],
     ),
     (
         "the step's sums on the long group",
         "llava_kd.py",
         "            dist.all_reduce(logged)",
         "            dist.all_reduce(logged, group=runtime._waits[-1])",
-        ["test_nothing_lost.py", "-k", "long_waits"],
+        ["tests/test_nothing_lost.py", "-k", "long_waits"],
     ),
     # the faults one step off
     (
@@ -603,49 +604,49 @@ MUTANTS = [
         "checkpoints.py",
         "opt_state = rekeyed(opt.state_dict(), dict(enumerate(names)))",
         "opt_state = opt.state_dict()",
-        ["test_train.py", "-k", "fsdp_ends"],
+        ["tests/test_train.py", "-k", "fsdp_ends"],
     ),
     (
         "--data compared by path",
         "checkpoints.py",
         'MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation", "data"}',
         'MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation"}',
-        ["test_continue.py", "-k", "same_data"],
+        ["tests/test_continue.py", "-k", "same_data"],
     ),
     (
         "--data's samples not compared",
         "checkpoints.py",
         'if saved.get("data_sha256", digest) != digest:',
         "if False:",
-        ["test_continue.py", "-k", "same_data"],
+        ["tests/test_continue.py", "-k", "same_data"],
     ),
     (
         "a JSON object where the samples belong: found not said",
         "data.py",
         'found = f"an object with keys {list(rows)[:8]}" if isinstance(rows, dict) else repr(rows)',
         'found = "not a list"',
-        ["test_model_data.py", "-k", "not_a_list"],
+        ["tests/test_model_data.py", "-k", "not_a_list"],
     ),
     (
         "a dead worker's broken connection is a traceback",
         "data.py",
         "except (RuntimeError, ConnectionError, EOFError) as e:",
         "except RuntimeError as e:",
-        ["test_nothing_lost.py", "-k", "killed_loader"],
+        ["tests/test_nothing_lost.py", "-k", "killed_loader"],
     ),
     (
         "a teacher's visual tokens checked only once its weights load",
         "models.py",
         "    check_compatible(teacher, t_proc, student, s_proc)\n\n\ndef check_tower_shape",
         "    pass\n\n\ndef check_tower_shape",
-        ["test_errors.py", "-k", "visual_tokens"],
+        ["tests/test_errors.py", "-k", "visual_tokens"],
     ),
     (
         "a new student's tower of another width taken",
         "models.py",
         "    if source is None:\n        check_tower_shape(",
         "    if False:\n        check_tower_shape(",
-        ["test_errors.py", "-k", "another_shape"],
+        ["tests/test_errors.py", "-k", "another_shape"],
     ),
 ]
 

@@ -1,6 +1,6 @@
 """The padding of micro-batches with and without --group_by_length, on a mix665k-like length mix.
 
-    python bench_padding.py [--samples 20480] [--draws 3]
+    python -m bench.bench_padding [--samples 20480] [--draws 3]
 
 Lengths are drawn, not read: 6.2% text-only samples (mix665k's ~41k ShareGPT conversations: a
 log-normal of median ~500 tokens) and the rest an image's 729 tokens plus a short answer or a few

@@ -6,11 +6,11 @@ import json
 import random
 
 import pytest
+from conftest import logged_steps, sft
 
 import checkpoints
 import data
 import llava_kd
-from test_nothing_lost import logged_steps, sft
 
 
 class Rows:

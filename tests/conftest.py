@@ -1,19 +1,27 @@
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)  # this file also runs as a script (the recipe's stops)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a model hub
 # tiny models: a second thread only spins, beside the recipe's processes
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import tqdm  # noqa: E402
 import transformers  # noqa: E402
 
-import checkpoints
-import models
+import checkpoints  # noqa: E402
+import llava_kd  # noqa: E402
+import models  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -61,7 +69,7 @@ def start_recipe(out, **env):
         STARTED.append(
             subprocess.Popen(
                 ["bash", "train.sh"],
-                cwd=os.path.dirname(os.path.abspath(__file__)),
+                cwd=ROOT,
                 env=env,
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -145,7 +153,7 @@ class Scenario:
     def __init__(self, out, stop):
         self.path = f"{out}.json"
         cmd = [sys.executable, __file__, str(out), stop.__name__]
-        self.proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT)
 
     def value(self, timeout=1800):
         assert self.proc.wait(timeout) == 0
@@ -181,3 +189,210 @@ if __name__ == "__main__":  # a Scenario: python conftest.py OUT STOP
     signal.signal(signal.SIGTERM, stop_all)  # the session ended first (a failure, -x)
     with open(f"{where}.json", "w") as f:
         json.dump(stopped_and_continued(where, stop), f)
+
+
+# Helpers the test files share
+
+
+def args(toy, stage, out, *extra):
+    data = "pretrain" if stage in ("pt", "dpt") else "sft"
+    return [
+        "train",
+        "--stage",
+        stage,
+        "--data",
+        f"{toy}/data/{data}.json",
+        "--images",
+        f"{toy}/data/images",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--global_batch_size",
+        "16",
+        "--batch_size",
+        "8",
+        *extra,
+    ]
+
+
+def weights(d):  # by module name (the file on disk keeps transformers' older key names)
+    return transformers.LlavaForConditionalGeneration.from_pretrained(d).state_dict()
+
+
+def changed(a, b):
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+def start(cmd, env=None):
+    """A command's process, its output in a file (a pipe nobody reads while another process is
+    awaited can fill)."""
+    log = tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    p.log = log
+    return p
+
+
+class Forked:
+    """`python llava_kd.py argv` (or another script's main) with env's variables, in a process
+    forked from this one: all a new interpreter would add is its imports of torch and transformers,
+    ~8 s of CPU a process here (test_errors.py, train.sh and the two-node test start the command
+    line itself). Popen's pid, wait, send_signal, kill and returncode; the output in .log."""
+
+    def __init__(self, argv, env, main=llava_kd.main):
+        self.log = tempfile.TemporaryFile("w+")
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.child(argv, env, main)
+
+    def child(self, argv, env, main):
+        code = 1
+        try:
+            os.environ.update(env)
+            os.dup2(self.log.fileno(), 1)
+            os.dup2(self.log.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = sys.stdout
+            main(argv)
+            code = 0
+        except SystemExit as e:  # as the interpreter ends on one: a message is printed, exit 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+
+    def wait(self, timeout=None):
+        deadline = time.time() + (timeout or math.inf)
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"process {self.pid} still running after {timeout} s")
+            else:
+                time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def launch(argv, env=None):
+    """llava_kd.py argv in a new process: forked (above), or where this process has started CUDA
+    (a forked child cannot), a new interpreter."""
+    if torch.cuda.is_initialized():
+        return start([sys.executable, "llava_kd.py", *argv], dict(os.environ, **(env or {})))
+    return Forked(argv, env or {})
+
+
+def torchrun(*argv, nproc=2, extra=()):
+    return [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *(extra or ["--standalone"]),
+                f"--nproc_per_node={nproc}",
+                "llava_kd.py",
+                *argv,
+            ]
+        )
+    ]
+
+
+def processes(*argv, nproc=2):
+    """nproc processes of `llava_kd.py argv` (launch) with the variables torchrun gives its
+    workers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
+    return [launch(argv, dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
+
+
+def ended(procs, timeout=300):
+    """Each process's output, once it has ended."""
+    outs = []
+    for p in procs:
+        p.wait(timeout)
+        p.log.seek(0)
+        outs.append(p.log.read())
+    return outs
+
+
+def finish(*runs):  # each process's output; each ended well
+    procs = [p for run in runs for p in run]
+    outs = ended(procs)
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def alone(fn, *args):
+    """fn(*args) in a forked process with a process group of one (gloo): the test process itself
+    never starts one, so the processes it forks later hold no c10d state of it."""
+
+    def child(argv):
+        import torch.distributed as dist
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init = f"tcp://127.0.0.1:{port}"
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+        try:
+            fn(*args)
+        finally:
+            dist.destroy_process_group()
+
+    (output,) = ended([Forked([], {}, child)], timeout=300)
+    assert output.rstrip().endswith("passed"), output
+
+
+def sft(toy, ckpts, out, *extra):
+    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1000"]
+    return args(toy, "sft", out, *common, *extra)
+
+
+def refused(argv):
+    with pytest.raises(SystemExit) as e:
+        llava_kd.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def logged_steps(out):
+    path = os.path.join(out, "log.jsonl")
+    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if any weights are read."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(models, "tower_from_llava", refuse)
+
+
+def logged(out):
+    path = out / "log.jsonl"
+    return [json.loads(line)["step"] for line in open(path)] if path.exists() else []

@@ -16,9 +16,9 @@ import pytest
 import safetensors
 import torch
 import transformers
+from conftest import Forked, args, ended, logged, weights
 
 import llava_kd
-from test_train import Forked, args, ended, weights
 
 # The calls through which a run writes or moves a file, each named by where it lives. "write" may
 # find the disk full; a rename or a removal needs no space, so it can only be stopped at.
@@ -122,11 +122,6 @@ def trained_steps(monkeypatch, record):
         return forward_backward(a, r, micro, counts, ddp, device, step)
 
     monkeypatch.setattr(llava_kd, "forward_backward", recorded)
-
-
-def logged(out):
-    path = out / "log.jsonl"
-    return [json.loads(line)["step"] for line in open(path)] if path.exists() else []
 
 
 @pytest.mark.parametrize("fault", ["stop", "full"])

@@ -6,7 +6,9 @@ import os
 import subprocess
 
 import pytest
+import test_convert
 import torch
+from conftest import ROOT, alone, args, changed, weights
 
 import chat
 import checkpoints
@@ -18,9 +20,7 @@ import llava_kd
 import memory
 import models
 import processes
-import test_convert
 from test_losses import batch
-from test_train import ROOT, alone, args, changed, weights
 
 
 def test_every_spec_loss_divides_by_the_count_it_is_given():
@@ -347,7 +347,7 @@ def test_the_toy_recipe_chains_its_stages(tmp_path):
 def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free():
     """A product's inputs and output, its FLOPs by its operands' dtype; a view and an allocation
     move nothing; an out= tensor is written once, not read."""
-    import bench_loss_traffic
+    from bench import bench_loss_traffic
 
     a, b = torch.randn(4, 3), torch.randn(3, 5)
     counter = bench_loss_traffic.Traffic(bench_loss_traffic.GPUS["h100"])

@@ -12,13 +12,11 @@ import time
 
 import pytest
 import torch
+from conftest import Forked, ended, logged, processes, sft, weights
 
 import checkpoints
 import llava_kd
 import signals
-from test_crash_points import logged
-from test_nothing_lost import sft
-from test_train import Forked, ended, processes, weights
 
 # phase: (module, function, which call gets the signal, how the run ends: the step it stops after,
 # 0 for before the first step, None for running to its end)

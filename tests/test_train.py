@@ -4,17 +4,12 @@ import copy
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
-import traceback
 
 import pytest
 import torch
 import transformers
+from conftest import alone, args, changed, finish, launch, processes, torchrun, weights
 from safetensors import safe_open
 
 import chat
@@ -24,157 +19,6 @@ import errors
 import llava_kd
 import models
 import processes as procs
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def args(toy, stage, out, *extra):
-    data = "pretrain" if stage in ("pt", "dpt") else "sft"
-    return [
-        "train",
-        "--stage",
-        stage,
-        "--data",
-        f"{toy}/data/{data}.json",
-        "--images",
-        f"{toy}/data/images",
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--global_batch_size",
-        "16",
-        "--batch_size",
-        "8",
-        *extra,
-    ]
-
-
-def weights(d):  # by module name (the file on disk keeps transformers' older key names)
-    return transformers.LlavaForConditionalGeneration.from_pretrained(d).state_dict()
-
-
-def changed(a, b):
-    return {k for k in a if not torch.equal(a[k], b[k])}
-
-
-def start(cmd, env=None):
-    """A command's process, its output in a file (a pipe nobody reads while another process is
-    awaited can fill)."""
-    log = tempfile.TemporaryFile("w+")
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    p.log = log
-    return p
-
-
-class Forked:
-    """`python llava_kd.py argv` (or another script's main) with env's variables, in a process
-    forked from this one: all a new interpreter would add is its imports of torch and transformers,
-    ~8 s of CPU a process here (test_errors.py, train.sh and the two-node test start the command
-    line itself). Popen's pid, wait, send_signal, kill and returncode; the output in .log."""
-
-    def __init__(self, argv, env, main=llava_kd.main):
-        self.log = tempfile.TemporaryFile("w+")
-        self.returncode = None
-        self.pid = os.fork()
-        if self.pid == 0:
-            self.child(argv, env, main)
-
-    def child(self, argv, env, main):
-        code = 1
-        try:
-            os.environ.update(env)
-            os.dup2(self.log.fileno(), 1)
-            os.dup2(self.log.fileno(), 2)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)
-            sys.stderr = sys.stdout
-            main(argv)
-            code = 0
-        except SystemExit as e:  # as the interpreter ends on one: a message is printed, exit 1
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = 1 if isinstance(e.code, str) else e.code or 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
-
-    def wait(self, timeout=None):
-        deadline = time.time() + (timeout or math.inf)
-        while self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-            elif time.time() > deadline:
-                self.kill()
-                raise TimeoutError(f"process {self.pid} still running after {timeout} s")
-            else:
-                time.sleep(0.05)
-        return self.returncode
-
-    def send_signal(self, signum):
-        os.kill(self.pid, signum)
-
-    def kill(self):
-        self.send_signal(signal.SIGKILL)
-
-
-def launch(argv, env=None):
-    """llava_kd.py argv in a new process: forked (above), or where this process has started CUDA
-    (a forked child cannot), a new interpreter."""
-    if torch.cuda.is_initialized():
-        return start([sys.executable, "llava_kd.py", *argv], dict(os.environ, **(env or {})))
-    return Forked(argv, env or {})
-
-
-def torchrun(*argv, nproc=2, extra=()):
-    return [
-        start(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                *(extra or ["--standalone"]),
-                f"--nproc_per_node={nproc}",
-                "llava_kd.py",
-                *argv,
-            ]
-        )
-    ]
-
-
-def processes(*argv, nproc=2):
-    """nproc processes of `llava_kd.py argv` (launch) with the variables torchrun gives its
-    workers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=port,
-        WORLD_SIZE=str(nproc),
-        LOCAL_WORLD_SIZE=str(nproc),
-    )
-    return [launch(argv, dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nproc)]
-
-
-def ended(procs, timeout=300):
-    """Each process's output, once it has ended."""
-    outs = []
-    for p in procs:
-        p.wait(timeout)
-        p.log.seek(0)
-        outs.append(p.log.read())
-    return outs
-
-
-def finish(*runs):  # each process's output; each ended well
-    procs = [p for run in runs for p in run]
-    outs = ended(procs)
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    return outs
 
 
 def test_one_batch_accumulation_and_two_processes_end_with_the_same_weights(toy, ckpts, tmp_path):
@@ -725,27 +569,6 @@ def test_a_bf16_init_trains_float32_master_weights(toy, ckpts, tmp_path):
     assert all(start[k].dtype == torch.bfloat16 and end[k].dtype == torch.float32 for k in llm)
     moved = torch.cat([(end[k] != start[k].float()).flatten() for k in llm]).float().mean()
     assert moved > 0.9
-
-
-def alone(fn, *args):
-    """fn(*args) in a forked process with a process group of one (gloo): the test process itself
-    never starts one, so the processes it forks later hold no c10d state of it."""
-
-    def child(argv):
-        import torch.distributed as dist
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        init = f"tcp://127.0.0.1:{port}"
-        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
-        try:
-            fn(*args)
-        finally:
-            dist.destroy_process_group()
-
-    (output,) = ended([Forked([], {}, child)], timeout=300)
-    assert output.rstrip().endswith("passed"), output
 
 
 def mixed_precision_leaves_m_t_in_float32(toy, ckpts):

@@ -11,6 +11,7 @@ import pytest
 import safetensors
 import torch
 import transformers
+from conftest import ROOT
 
 import chat
 import checkpoints
@@ -19,8 +20,6 @@ import llava_kd
 import memory
 import models
 from toy import real_ids_tokenizer
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # llava-interleave-qwen-*-hf's chat_template.json: typed content only (a string's text renders as
 # nothing)

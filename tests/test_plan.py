@@ -7,11 +7,11 @@ import contextlib
 import pytest
 import torch
 import transformers
+from conftest import args, finish, processes
 
 import errors
 import llava_kd
 import memory
-from test_train import args, finish, processes
 
 
 def saved_bytes(layers, dtype, hidden=64, intermediate=176, tokens=96):

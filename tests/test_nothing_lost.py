@@ -15,32 +15,25 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import transformers
+from conftest import (
+    ROOT,
+    Forked,
+    changed,
+    ended,
+    finish,
+    launch,
+    logged_steps,
+    processes,
+    refused,
+    sft,
+    weights,
+)
 
 import checkpoints
 import data
 import llava_kd
 import processes as procs
 import signals
-from test_train import ROOT, Forked, args, changed, ended, finish, launch, processes, weights
-
-
-def sft(toy, ckpts, out, *extra):
-    common = ["--init", str(ckpts / "student"), "--lr", "1e-3", "--save_every", "1000"]
-    return args(toy, "sft", out, *common, *extra)
-
-
-def refused(argv):
-    with pytest.raises(SystemExit) as e:
-        llava_kd.main(argv)
-    message = str(e.value)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-def logged_steps(out):
-    path = os.path.join(out, "log.jsonl")
-    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
 
 
 def stop_after_first_step(procs, out, signum, times=1, gap=0.5):
@@ -285,14 +278,6 @@ def test_two_runs_on_one_out_at_once_the_second_is_refused(toy, ckpts, tmp_path)
     first.wait()
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    def loaded(*a, **kw):
-        raise AssertionError("weights loaded before the check")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", loaded)
-
-
 def with_sample(toy, tmp_path, **changes):
     """The toy's sft data with its first sample changed; (json path, that sample's id)."""
     rows = json.load(open(f"{toy}/data/sft.json"))
@@ -337,7 +322,7 @@ def test_answers_cut_short_are_reported_before_weights_load(
     path, sid = with_sample(toy, tmp_path, conversations=turns)
     argv = sft(toy, ckpts, tmp_path / "out")
     argv[argv.index("--data") + 1] = path
-    with pytest.raises(AssertionError, match="weights loaded"):
+    with pytest.raises(AssertionError, match="weights were loaded"):
         llava_kd.main(argv)
     assert (
         f"note: {path}: 1 answer(s) cut short by --max_length 2048 (their end token is not "

@@ -9,30 +9,16 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import ROOT, changed, ended, processes, weights
 
 import errors
 import llava_kd
-import models
 import toy as toy_module
-from test_train import changed, ended, processes, weights
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def student_dir(ckpts):  # conftest.py's untrained student
     return str(ckpts / "student")
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fails the test if any weights are read."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the error")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr(models, "tower_from_llava", refuse)
 
 
 def args(toy, out, stage="dft", data="sft"):

@@ -1,6 +1,6 @@
 """Cost of distillation per training step, on the toy models and one fixed batch.
 
-python bench_step.py [--toy DIR] [--repeat 7] [--batch 16]
+python -m bench.bench_step [--toy DIR] [--repeat 7] [--batch 16]
 
 ratio = time(dft step) / (time(sft step) + time(teacher forward)). 1.0 would mean distillation costs
 exactly one teacher forward; above it is the price of the losses, below it what sharing Z_v saves.

@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, finish, processes, refused, sft
 
 import checkpoints
 import llava_kd
 import memory
 import models
-from test_nothing_lost import no_weights, refused, sft  # noqa: F401 (a fixture)
-from test_train import ROOT, finish, processes
 
 
 def test_a_finished_stage_is_skipped_and_keeps_only_its_model_processor_and_log(

@@ -1,9 +1,9 @@
 """Peak memory and seconds a step of each stage at the paper's widths, through `llava_kd.py train`.
 
-    python bench_scale.py [--layers 2] [--batch 2] [--steps 2] [--stages sft dpt dft] [--dir DIR]
-    python bench_scale.py --plan_table  # the memory plan of the real recipe's stages, no run
-    python bench_scale.py --stages dft --nproc 2 [--fsdp]  # DDP or FSDP2, 2 processes (torchrun)
-    python bench_scale.py --student 1.8b ...  # LLaVA-KD-2B's student: Qwen1.5-1.8B, untied head
+    python -m bench.bench_scale [--layers 2] [--batch 2] [--steps 2] [--stages sft dpt dft]
+    python -m bench.bench_scale --plan_table  # the memory plan of the real recipe's stages
+    python -m bench.bench_scale --stages dft --nproc 2 [--fsdp]  # DDP or FSDP2, 2 processes
+    python -m bench.bench_scale --student 1.8b ...  # LLaVA-KD-2B's student: Qwen1.5-1.8B
 
 Models are built from configs with the real widths and vocabulary (nothing downloaded; random
 weights, depth cut to --layers): vision SigLIP-so400m-patch14-384 (1152 wide, 384px, 729 visual
@@ -222,7 +222,7 @@ def run(d, stage, batch, steps, nproc=1, fsdp=False, checkpointing=True):
         *(["--fsdp"] if fsdp else []),
     ]
     cmd[cmd.index("--global_batch_size") + 1] = str(batch * nproc)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
     shutil.rmtree(out, ignore_errors=True)
     printed = subprocess.run(cmd, check=True, cwd=here, capture_output=True, text=True).stdout
     plan = re.search(r"plan: ([0-9.]+) GiB", printed)

@@ -9,6 +9,7 @@ import numpy
 import pytest
 import torch
 import transformers
+from conftest import Forked, ended
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -16,7 +17,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import convert_tinyllava
 import llava_kd
 import models as llava_models
-from test_train import Forked, ended
 
 SIGLIP = dict(
     model_type="siglip_vision_model",

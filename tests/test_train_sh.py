@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 import signals
-from test_train import ROOT
 
 STANDIN = """#!{python}
 import json, os, signal, sys, time

@@ -1,6 +1,6 @@
 """The lean loss's GPU cost by arithmetic: every aten op's bytes and FLOPs at the paper's shapes.
 
-    python bench_loss_traffic.py [--visual 729] [--answer 150] [--block N] [--gpu h100]
+    python -m bench.bench_loss_traffic [--visual 729] [--answer 150] [--block N] [--gpu h100]
 
 Runs `fused_loss`'s forward and backward once as the loop calls it on a GPU under DDP and bf16
 autocast: one sample (--visual visual + --answer answer rows and a short prompt; V = 151936), the
