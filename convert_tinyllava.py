@@ -219,9 +219,9 @@ def refuse(src, cfg, state, tok, template):
 
 
 def convert(src, out, image_processor_dir=None, template=None):
+    """TinyLLaVA's checkpoint src as an HF LLaVA in out, returned as stock transformers loads it."""
     cfg = json.load(open(os.path.join(src, "config.json")))
-    split = all(os.path.isdir(os.path.join(src, part)) for part in PARTS)
-    # the pretrain stage saves split folders
+    split = all(os.path.isdir(os.path.join(src, part)) for part in PARTS)  # pretrain's folders
     template = template or ("pretrain" if split else "phi")
     tok = transformers.AutoTokenizer.from_pretrained(src)
     source = read_source(src)
@@ -231,28 +231,12 @@ def convert(src, out, image_processor_dir=None, template=None):
     print(f"{src}: template {template}")
     text = transformers.AutoConfig.for_model(**cfg["text_config"])
     vision = transformers.AutoConfig.for_model(**cfg["vision_config"])
-    if (
-        "<image>" not in tok.get_vocab()
-    ):  # a real vocabulary entry, not TinyLLaVA's -200 placeholder
-        tok.add_tokens(["<image>"], special_tokens=True)
     state = map_keys(source)
-    emb = state["model.language_model.embed_tokens.weight"]
-    if (
-        len(tok) > emb.shape[0]
-    ):  # <image> needs a row: a zero one, since it is always replaced by a feature
-        for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            if k in state:
-                state[k] = torch.cat(
-                    [state[k], state[k].new_zeros(len(tok) - emb.shape[0], emb.shape[1])]
-                )
-        text.vocab_size = len(tok)
+    emb = with_image_token(tok, state, text)
     # every part in the source's own dtype (not the config's: a float32 source stays float32)
-    text.dtype, vision.dtype = (
-        emb.dtype,
-        next(v.dtype for k, v in state.items() if k.startswith("model.vision_tower.")),
-    )
-    # "patch" drops CLIP's CLS: all n^2 patches stay
-    clip = vision.model_type == "clip_vision_model"
+    tower_dtype = next(v.dtype for k, v in state.items() if k.startswith("model.vision_tower."))
+    text.dtype, vision.dtype = emb.dtype, tower_dtype
+    clip = vision.model_type == "clip_vision_model"  # "patch" drops its CLS: n^2 patches stay
     config = transformers.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -291,21 +275,37 @@ def convert(src, out, image_processor_dir=None, template=None):
     # (pretrain: "\n")
     chat.prepare_chat(proc, model.generation_config, src, end_is_eos=template != "pretrain")
     if template == "pretrain":
-        model.generation_config.eos_token_id = [
-            tok.convert_tokens_to_ids(tok.tokenize("\n"))[0],
-            tok.eos_token_id,
-        ]
+        newline = tok.convert_tokens_to_ids(tok.tokenize("\n"))[0]
+        model.generation_config.eos_token_id = [newline, tok.eos_token_id]
+    return save(model, proc, out)
+
+
+def with_image_token(tok, state, text):
+    """<image> a real vocabulary entry (not TinyLLaVA's -200 placeholder), with a zero row in the
+    embeddings and the head (it is always replaced by a feature); returns the embeddings."""
+    if "<image>" not in tok.get_vocab():
+        tok.add_tokens(["<image>"], special_tokens=True)
+    emb = state["model.language_model.embed_tokens.weight"]
+    if len(tok) > emb.shape[0]:
+        for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            if k in state:
+                rows = state[k].new_zeros(len(tok) - emb.shape[0], emb.shape[1])
+                state[k] = torch.cat([state[k], rows])
+        text.vocab_size = len(tok)
+    return emb
+
+
+def save(model, proc, out):
+    """The model and processor in out, loaded again by stock transformers (returned). The config
+    records the widest dtype of the parts (save_pretrained records the first part's, and
+    dtype="auto" loads the whole model in it): a mixed source (a bf16 LLM, a float32 tower) then
+    loads without rounding any part."""
     model.save_pretrained(out)
     proc.save_pretrained(out)
-    # save_pretrained records the first part's dtype; dtype="auto" loads the whole model in the
-    # recorded one, so record
-    # the widest: a mixed source (a bf16 LLM, a float32 tower) then loads without rounding any part
     saved = json.load(open(os.path.join(out, "config.json")))
-    saved["dtype"] = str(
-        max((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)
-    ).split(".")[1]
+    widest = max((p.dtype for p in model.parameters()), key=lambda d: torch.finfo(d).bits)
+    saved["dtype"] = str(widest).split(".")[1]
     json.dump(saved, open(os.path.join(out, "config.json"), "w"), indent=2)
-    # loads in stock transformers
     stock = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype="auto")
     transformers.AutoProcessor.from_pretrained(out)
     return stock

@@ -9,8 +9,7 @@
 Each stage writes OUT/ (the model and its processor: stock from_pretrained loads it), OUT/log.jsonl
 (every loss term, lr, grad_norm, tokens/s and memory, a line a step) and OUT/checkpoint/ (--resume).
 Top to bottom, as the paper: the losses (Sec. 3: MDist = L_res + L_vis, RDist = L_rel, their sum
-L_DPT / L_DFT), the model and the stage table (Table A9), the training loop. Chat templates are in
-data.py; the flags, checkpoints, errors and FSDP2 in runtime.py; the toy in toy.py.
+L_DPT / L_DFT), the model and the stage table (Table A9), the training loop. The rest: README's map.
 """
 
 import contextlib
@@ -29,7 +28,6 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import chat
 import checkpoints
 import data
 import errors
@@ -43,6 +41,12 @@ import signals
 # Losses (paper Sec. 3), plain tensors in: copy this section as is. logits [B, T, V]; labels [B, T],
 # -100 but on answer tokens; visual_mask [B, T], True on image tokens. Math in float32 at least, KL
 # on the shared vocabulary; a mean divides a sum once, by its count or the one given (global batch).
+
+
+# The five terms, in the paper's order: L_reg + alpha L_res + beta L_vis + gamma L_rel (+ delta
+# L_pro); `counts` (the global batch's) are those of TERMS[1:]'s rows: answer, visual, samples
+# with an image, prompt
+TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
 
 
 def next_tokens(labels):
@@ -178,34 +182,16 @@ def fused_loss(
     amp = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
     gemm_dtype = torch.get_autocast_dtype(device.type) if amp else h_s.dtype
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
-    visual_mask = torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
-    # Each term's rows, weight and count (L_reg, L_res, L_vis, L_pro, L_rel), where the masks are
-    answer = response_rows(labels)
-    rows_of = [answer, answer, visual_mask, prompt_rows(labels, visual_mask, attention_mask)]
-    weights = [1.0, alpha, beta, delta, gamma] if teacher else [1.0, 0.0, 0.0, 0.0, 0.0]
-    given = [counts[0], counts[0], counts[1], counts[3], counts[2]]
-    found = [m.sum() for m in rows_of] + [visual_mask.any(1).sum()]
-    n = [float(c) if c is not None else max(int(f), 1) for c, f in zip(given, found)]
-    n = torch.tensor(n, dtype=torch.float64)
-    scale = torch.tensor(weights, dtype=torch.float64) / n
-    in_term = torch.stack([m.flatten() & (w != 0) for m, w in zip(rows_of, weights)], 1)
-    rows = in_term.any(1).nonzero().flatten()  # the rows the blocks take
-    in_term = in_term[rows].double()
-    a = in_term[:, 0] * scale[0]  # a row's weight in L_reg, and in the KL terms (b)
-    b = in_term[:, 1:] @ scale[1:4]
-    target = next_tokens(labels).flatten()[rows]
-    rel = visual_mask if teacher and gamma else torch.zeros_like(visual_mask)
-    rel_rows = rel.flatten().nonzero().flatten()  # L_rel's rows, sample by sample
-    K = [k for k in rel.sum(1).tolist() if k]  # K of them for each sample with an image
-    rows, target, rel_rows = (to_device(x, device) for x in (rows, target, rel_rows))
-    in_term, a, b = (to_device(x.to(acc_dtype), device) for x in (in_term, a, b))
+    weights = dict(zip(TERMS, (1.0, alpha, beta, gamma, delta) if teacher else (1.0, 0, 0, 0, 0)))
+    masks = (labels, visual_mask, attention_mask)
+    terms = loss_rows(*masks, weights, counts, device, acc_dtype)
+    n, scale, rows, in_term, a, b, target, rel_rows, K = terms
     h, w = h_s.detach().flatten(0, 1), w_s.detach()
     w_gemm = w.to(gemm_dtype)  # a copy only under autocast
     V = len(w)
     v = min(V, len(w_t)) if teacher else V  # the shared vocabulary
-    if teacher:
-        h_t = h_t.detach().flatten(0, 1)
-        w_t_gemm = w_t.detach()[:v].to(gemm_dtype)
+    h_t = h_t.detach().flatten(0, 1) if teacher else None
+    w_t_gemm = w_t.detach()[:v].to(gemm_dtype) if teacher else None
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=device)
     dL_dW = None
@@ -233,8 +219,42 @@ def fused_loss(
         dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=device)
     loss = (sums * to_device(scale, device)).sum().to(acc_dtype)
     loss = _GivenGradients.apply(loss, h_s, w_s, dL_dh.view(h_s.shape), dL_dW)
-    names = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel") if teacher else ("L_reg",)
+    names = BLOCK_ORDER if teacher else BLOCK_ORDER[:1]
     return loss, dict(zip(names, (sums / to_device(n, device)).to(acc_dtype)))
+
+
+# fused_loss's order of the terms: those a block sums row by row, the KL ones together, then L_rel
+BLOCK_ORDER = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel")
+
+
+def loss_rows(labels, visual_mask, attention_mask, weights, counts, device, dtype):
+    """Where the masks are (the CPU in the loop): each term's rows (L_reg, L_res: the answer rows;
+    L_vis: the visual rows; L_pro: the prompt rows), its count (counts' global batch, else this
+    batch's; L_rel: the samples with an image) and weight (by name). In BLOCK_ORDER: (n [5],
+    scale = weight / n, the rows the blocks take, which terms each is in, its weight in L_reg (a)
+    and in the KL terms (b), its next token; L_rel's rows and their number in each sample), on
+    `device`, the weights in `dtype`."""
+    visual_mask = torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
+    answer = response_rows(labels)
+    prompt = prompt_rows(labels, visual_mask, attention_mask)
+    rows_of = dict(L_reg=answer, L_res=answer, L_vis=visual_mask, L_pro=prompt)
+    given = dict(zip(TERMS, (counts[0], *counts)))  # L_reg is a mean over the answer rows too
+    found = {k: m.sum() for k, m in rows_of.items()} | {"L_rel": visual_mask.any(1).sum()}
+    n = [float(given[k]) if given[k] is not None else max(int(found[k]), 1) for k in BLOCK_ORDER]
+    n = torch.tensor(n, dtype=torch.float64)
+    scale = torch.tensor([weights[k] for k in BLOCK_ORDER], dtype=torch.float64) / n
+    in_term = torch.stack([rows_of[k].flatten() & (weights[k] != 0) for k in BLOCK_ORDER[:4]], 1)
+    rows = in_term.any(1).nonzero().flatten()  # the rows the blocks take
+    in_term = in_term[rows].double()
+    a = in_term[:, 0] * scale[0]
+    b = in_term[:, 1:] @ scale[1:4]
+    target = next_tokens(labels).flatten()[rows]
+    rel = visual_mask if weights["L_rel"] else torch.zeros_like(visual_mask)
+    rel_rows = rel.flatten().nonzero().flatten()  # L_rel's rows, sample by sample
+    K = [k for k in rel.sum(1).tolist() if k]  # K of them for each sample with an image
+    rows, target, rel_rows = (to_device(x, device) for x in (rows, target, rel_rows))
+    in_term, a, b = (to_device(x.to(dtype), device) for x in (in_term, a, b))
+    return n, scale, rows, in_term, a, b, target, rel_rows, K
 
 
 def lean_block(h, w, target, a, b, h_t=None, w_t=None):
@@ -398,8 +418,7 @@ def apply_stage(model, stage):
 
 
 # --------------------------------------------------------------------------------------------------
-# Training: one plain loop for the four stages (nanoGPT-style), one process or torchrun: DDP or
-# FSDP2.
+# Training: one plain loop for the four stages (nanoGPT's), one process or torchrun: DDP or FSDP2.
 
 
 class Student(torch.nn.Module):
@@ -437,9 +456,6 @@ def teacher_gram(teacher, model):
     """M_t = W_t^T W_t on the shared vocabulary, fixed for the run: L_rel's teacher side, [D, D]."""
     v = min(len(teacher.lm_head.weight), len(model.lm_head.weight))
     return head_gram(teacher.lm_head.weight[:v].detach())
-
-
-TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
 
 
 def stage_loss(
@@ -551,40 +567,6 @@ def check(a, device, world, rank):
     )
 
 
-def load(a, checked, cuda, world, rank):
-    """The models and the data set that check read the way to: (model, processor, teacher, data
-    set, the indices of the samples that --drop_too_long leaves out on this process)."""
-    stage = STAGES[a.stage]
-    source, left_out = checked.source, checked.left_out
-    torch.manual_seed(a.seed)  # the same new projector on every process
-    # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
-    # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
-    if source:
-        model, processor = models.readable(
-            models.load_llava, source, torch.float32, a.attn_implementation
-        )
-    else:
-        model, processor = models.build_student(a.vision, a.llm, a.attn_implementation)
-    teacher = None
-    if stage["teacher"]:
-        dtype = torch.bfloat16 if cuda else torch.float32
-        new = source is None
-        attn = a.attn_implementation
-        teacher = models.load_teacher(a.teacher, model, processor, dtype, new, attn)
-    chat.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
-    ds = data.LlavaDataset(
-        a.data,
-        a.images,
-        processor,
-        chat=stage["chat"],
-        max_length=a.max_length,
-        samples=checked.samples,
-    )
-    if source is None:  # a new student: checked with its processor, built with its weights
-        left_out = ds.check_lengths(rank, world, a.drop_too_long)
-    return model, processor, teacher, ds, left_out
-
-
 @dataclasses.dataclass
 class Run:
     """A stage's run as the loop reads it (set_up makes it; no other file reads it)."""
@@ -643,7 +625,9 @@ def set_up(a, ddp, cuda, device, rank, world):
     if checked is None:  # --plan printed, or the stage had finished
         return None
     global_batch, state = checked.global_batch, checked.state
-    model, processor, teacher, ds, left_out = processes.agreed(load, a, checked, cuda, world, rank)
+    model, processor, teacher, ds, left_out = processes.agreed(
+        models.load_stage, a, STAGES[a.stage], checked, cuda, world, rank
+    )
     processes.print_notes(rank == 0)
     if a.drop_too_long:
         data.leave_out(ds, processes.gathered(left_out), global_batch, a.out, rank == 0)
@@ -719,29 +703,74 @@ def forward_backward(a, r, micro, counts, ddp, device, step):
     return logged
 
 
-def train(a):
-    ckpt = os.path.join(a.out, "checkpoint")
-    preemption = signals.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
-    ddp, cuda, device, rank, world = start(a)
-    master = rank == 0
-    r = set_up(a, ddp, cuda, device, rank, world)
-    if r is None:
-        if ddp:
-            dist.destroy_process_group()
-        return
-    log = checkpoints.open_log(a.out, r.step) if master else None
-    if master:
-        print(
-            f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
-            f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
-            f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
-        )
+def micro_batches(a, r, rank, world, cuda):
+    """This process's micro-batches from the run's first step on (data.micro_batches)."""
     seed_order = (r.ds, r.global_batch, a.batch_size, world, rank, a.seed)
     order_of = functools.partial(data.epoch_order, *seed_order, grouped=a.group_by_length)
     pad_id = r.processor.tokenizer.pad_token_id
     loader = data.loader_options(a.batch_size, pad_id, a.workers, cuda)
     per_step = r.accum * a.batch_size
-    batches = data.micro_batches(r.ds, order_of, per_step, r.steps_per_epoch, r.step, loader)
+    return data.micro_batches(r.ds, order_of, per_step, r.steps_per_epoch, r.step, loader)
+
+
+def optimizer_step(a, r, ddp):
+    """Gradients clipped (Table A9), AdamW's step, gradients zeroed: (the norm before clipping,
+    this process's bytes of trained parameters, gradients and AdamW state)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.params, r.table["clip"])
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    r.opt.step()
+    held = memory.trained_bytes(r.params, r.opt)
+    # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the next
+    # no_sync micro-step would make fresh ones beside the buckets: a second copy)
+    r.opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
+    return grad_norm, held
+
+
+def log_record(r, step, host, grad_norm, tokens, seconds, device, held):
+    """log.jsonl's line of a step: the loss and its terms (the step's means), lr, the gradient's
+    norm, the time, tokens/s and memory."""
+    rec = dict(zip(("loss",) + TERMS, host))
+    rec.update(
+        step=step + 1,
+        lr=r.opt.param_groups[0]["lr"],
+        grad_norm=grad_norm.item(),
+        seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        peak_gib=memory.peak_bytes(device) / 2**30,
+        peak_reserved_gib=memory.peak_reserved_bytes(device) / 2**30,
+        trained_gib=held / 2**30,
+    )
+    return rec
+
+
+def stop_at_failed_batch(a, r, master, micro, step):
+    """A micro-batch that failed on any process (an image that did not decode, a dead loader
+    worker): a checkpoint at the last whole step, then every process's errors, one line each."""
+    save(a, r, master, step)
+    fix = "replace the file with a readable image, --resume"
+    held = f"{os.path.join(a.out, 'checkpoint')} holds step {step}"
+    messages = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
+    processes.agreed(processes.fail, messages)
+
+
+def train(a):
+    """One stage: the loop, nanoGPT's shape, with the checks and the checkpoints around it."""
+    ckpt = os.path.join(a.out, "checkpoint")
+    preemption = signals.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
+    ddp, cuda, device, rank, world = start(a)
+    master = rank == 0
+    r = set_up(a, ddp, cuda, device, rank, world)
+    if r is None:  # nothing to train (--plan, or a stage that had finished)
+        return dist.destroy_process_group() if ddp else None
+    if master:
+        log = checkpoints.open_log(a.out, r.step)
+        print(
+            f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
+            f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
+            f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
+        )
+    batches = micro_batches(a, r, rank, world, cuda)
     bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
@@ -751,12 +780,8 @@ def train(a):
         micro = data.take(batches, r.accum)
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
-        if failed:  # an image that did not decode or a dead loader worker, on any process: stop
-            save(a, r, master, step)  # at the last whole step
-            fix = "replace the file with a readable image, --resume"
-            held = f"{ckpt} holds step {step}"
-            messages = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
-            processes.agreed(processes.fail, messages)
+        if failed:  # an image that did not decode or a dead loader worker, on any process
+            stop_at_failed_batch(a, r, master, micro, step)
         # the loss, the five terms, and whether a process was asked to stop
         logged = forward_backward(a, r, micro, counts, ddp, device, step)
         logged[6] = preemption.received is not None
@@ -770,27 +795,9 @@ def train(a):
             )
         stopping = host[6] > 0 and step + 1 < r.end
         preemption.step_ended(time.time() - t0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(r.params, r.table["clip"])  # logged unclipped
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        r.opt.step()
-        held = memory.trained_bytes(r.params, r.opt)
-        # DDP: zeroed in place, so the gradients stay views into DDP's buckets (set to None, the
-        # next no_sync micro-step would make fresh ones beside the buckets: a second copy)
-        r.opt.zero_grad(set_to_none=not (ddp and not a.fsdp))
+        grad_norm, held = optimizer_step(a, r, ddp)
         if master:
-            seconds = time.time() - t0
-            rec = dict(zip(("loss",) + TERMS, host))
-            rec.update(
-                step=step + 1,
-                lr=r.opt.param_groups[0]["lr"],
-                grad_norm=grad_norm.item(),
-                seconds=seconds,
-                tokens_per_s=tokens / seconds,
-                peak_gib=memory.peak_bytes(device) / 2**30,
-                peak_reserved_gib=memory.peak_reserved_bytes(device) / 2**30,
-                trained_gib=held / 2**30,
-            )
+            rec = log_record(r, step, host, grad_norm, tokens, time.time() - t0, device, held)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})

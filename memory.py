@@ -136,7 +136,7 @@ def memory_plan(
     set for the stage. FSDP2 shards over the processes of a node (per_node; replicated across
     nodes); accum: micro-steps an optimizer step."""
     text = student.config.text_config
-    D, V = text.hidden_size, text.vocab_size
+    D = text.hidden_size
     tokens = batch * max_length
     size = 2 if cuda else 4  # the teacher's bytes an element (bf16 on CUDA)
     tower = numel(student.model.vision_tower)
@@ -154,7 +154,6 @@ def memory_plan(
         ("gradients, float32", 4 * trained / shards, "held" if held_grads else "step"),
         ("AdamW moments, float32", 8 * trained / shards, "held"),
     ]
-    t_hidden = 0
     if teacher is not None:
         t_hidden = teacher.config.text_config.hidden_size
         frozen = numel(teacher) - numel(teacher.model.vision_tower)  # the tower is the student's
@@ -169,26 +168,13 @@ def memory_plan(
     # DDP on CUDA: autocast's bf16 copies of the LLM's weights, saved for backward (a frozen
     # weight's too, unless checkpointing recomputes its layer)
     llm = student.model.language_model
-    trained_llm = numel(llm, trained=True)
-    all_llm = numel(llm)
     for checkpointing in (False, True):
-        copies = 2 * (trained_llm if checkpointing else all_llm) if cuda and not fsdp else 0
+        copies = 2 * numel(llm, trained=checkpointing) if cuda and not fsdp else 0
         on = ("off", "on")[checkpointing]
         rows.append(
             (f"bf16 copies of the weights (autocast), checkpointing {on}", copies, "forward")
         )
-    # fused_loss: dL/dW [V, D] and dL/dh in float32 and the hidden states of both models; then the
-    # larger of one block's [rows, V] tensors (with, on CUDA, the head's bf16 copy under DDP, and
-    # under FSDP2 the float32 copy of the bf16 head that W_s^T W_s is made from) and backward's
-    # start, which scales dL/dW and dL/dh into new tensors (FSDP2: and casts dL/dW to bf16)
-    head = 4 * V * D if student.lm_head.weight.requires_grad else 0
-    hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
-    block = BLOCK_TENSORS * 4 * min(LOSS_BLOCK["cuda" if cuda else "cpu"], tokens * V)
-    if cuda:
-        block += 0 if fsdp else 2 * V * D
-        block += 4 * V * D if fsdp and teacher is not None and gamma else 0
-    backward = head + 4 * tokens * D + (2 * V * D if cuda and fsdp and head else 0)
-    loss = head + hidden + max(block, backward)
+    loss = loss_bytes(student, teacher, tokens, cuda, fsdp, gamma)
     rows.append(("loss work tensors (lean path), hidden states", loss, "forward"))
     residual = 2 if cuda and fsdp else 4
     for checkpointing in (False, True):
@@ -201,6 +187,25 @@ def memory_plan(
     temporaries = 0 if cuda and not fsdp else 4 * trained / shards if cuda else 8 * largest
     rows.append(("AdamW step temporaries", temporaries, "step"))
     return rows
+
+
+def loss_bytes(student, teacher, tokens, cuda, fsdp, gamma):
+    """fused_loss: dL/dW [V, D] and dL/dh in float32 and the hidden states of both models; then the
+    larger of one block's [rows, V] tensors (with, on CUDA, the head's bf16 copy under DDP, and
+    under FSDP2 the float32 copy of the bf16 head that W_s^T W_s is made from) and backward's
+    start, which scales dL/dW and dL/dh into new tensors (FSDP2: and casts dL/dW to bf16)."""
+    text = student.config.text_config
+    D, V = text.hidden_size, text.vocab_size
+    t_hidden = teacher.config.text_config.hidden_size if teacher is not None else 0
+    size = 2 if cuda else 4  # the teacher's bytes an element (bf16 on CUDA)
+    head = 4 * V * D if student.lm_head.weight.requires_grad else 0
+    hidden = (2 if cuda and fsdp else 4) * tokens * D + 4 * tokens * D + size * tokens * t_hidden
+    block = BLOCK_TENSORS * 4 * min(LOSS_BLOCK["cuda" if cuda else "cpu"], tokens * V)
+    if cuda:
+        block += 0 if fsdp else 2 * V * D
+        block += 4 * V * D if fsdp and teacher is not None and gamma else 0
+    backward = head + 4 * tokens * D + (2 * V * D if cuda and fsdp and head else 0)
+    return head + hidden + max(block, backward)
 
 
 def plan_total(rows, checkpointing, cuda=False):

@@ -284,3 +284,35 @@ def load_teacher(path, student, s_proc, dtype=None, new_student=False, attn="sdp
         teacher.model.vision_tower = tower
     share_tower(student, teacher, path, new_student)
     return teacher
+
+
+def load_stage(a, stage, checked, cuda, world, rank):
+    """The models and the data set of a stage (llava_kd.STAGES[a.stage]) that the checks read
+    the way to: (model, processor, teacher, data set, the indices of the samples that
+    --drop_too_long leaves out on this process)."""
+    source, left_out = checked.source, checked.left_out
+    torch.manual_seed(a.seed)  # the same new projector on every process
+    # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
+    # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
+    if source:
+        model, processor = readable(load_llava, source, torch.float32, a.attn_implementation)
+    else:
+        model, processor = build_student(a.vision, a.llm, a.attn_implementation)
+    teacher = None
+    if stage["teacher"]:
+        dtype = torch.bfloat16 if cuda else torch.float32
+        new = source is None
+        attn = a.attn_implementation
+        teacher = load_teacher(a.teacher, model, processor, dtype, new, attn)
+    chat.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
+    ds = data.LlavaDataset(
+        a.data,
+        a.images,
+        processor,
+        chat=stage["chat"],
+        max_length=a.max_length,
+        samples=checked.samples,
+    )
+    if source is None:  # a new student: checked with its processor, built with its weights
+        left_out = ds.check_lengths(rank, world, a.drop_too_long)
+    return model, processor, teacher, ds, left_out

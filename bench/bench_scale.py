@@ -108,24 +108,7 @@ def setup(d, layers, n_samples, text_tokens, student="0.5b"):
         checkpoints.save_checkpoint_files(
             *models.build_student(f"{d}/vision", f"{d}/{llm}"), f"{d}/{name}"
         )
-    os.makedirs(f"{d}/images", exist_ok=True)
-    rows = []
-    for i in range(n_samples):
-        Image.new("RGB", (384, 384), tuple(rng.randrange(256) for _ in range(3))).save(
-            f"{d}/images/{i}.png"
-        )
-        answer = " ".join(rng.choice(words) for _ in range(text_tokens))  # about one token a word
-        rows.append(
-            {
-                "id": str(i),
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image in detail."},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
-    json.dump(rows, open(f"{d}/data.json", "w"))
+    write_data(d, n_samples, text_tokens, words, rng)
     return sum(
         p.numel() * 2
         if torch.cuda.is_available()
@@ -134,6 +117,22 @@ def setup(d, layers, n_samples, text_tokens, student="0.5b"):
             f"{d}/teacher"
         ).parameters()
     )
+
+
+def write_data(d, n_samples, text_tokens, words, rng):
+    """d/data.json: n_samples of one 384 px image (d/images/) and an answer of text_tokens words."""
+    os.makedirs(f"{d}/images", exist_ok=True)
+    rows = []
+    for i in range(n_samples):
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        Image.new("RGB", (384, 384), colour).save(f"{d}/images/{i}.png")
+        answer = " ".join(rng.choice(words) for _ in range(text_tokens))  # about one token a word
+        turns = [
+            {"from": "human", "value": "<image>\nDescribe the image in detail."},
+            {"from": "gpt", "value": answer},
+        ]
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    json.dump(rows, open(f"{d}/data.json", "w"))
 
 
 FULL_DEPTH = {"vision": 27, "teacher": 40, "0.5b": 24, "1.8b": 24}  # SigLIP, Qwen1.5-4B/0.5B/1.8B
@@ -236,7 +235,8 @@ def run(d, stage, batch, steps, nproc=1, fsdp=False, checkpointing=True):
     )
 
 
-def main():
+def arguments():
+    """The command line."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -268,7 +268,11 @@ def main():
         action="store_true",
         help="print the plan of the real recipe's stages at full depth (no run) and stop",
     )
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    a = arguments().parse_args()
     if a.plan_table:
         for max_length in (1024, 2048):
             plan_table(8, max_length, 8)

@@ -19,6 +19,20 @@ import models
 import toy as toy_setup
 
 
+def timed(runs, repeat):
+    """Each run's seconds, `repeat` times after a warm-up, interleaved so that machine noise hits
+    them alike."""
+    times = {k: [] for k in runs}
+    for f in runs.values():
+        f()
+    for _ in range(repeat):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--toy", help="a toy setup dir (default: write one to a temporary dir)")
@@ -57,14 +71,7 @@ def main():
         "teacher forward": teacher_forward,
         "dft step": lambda: step(teacher),
     }
-    times = {k: [] for k in runs}
-    for f in runs.values():
-        f()  # warm-up
-    for _ in range(a.repeat):  # interleaved, so that machine noise hits all three alike
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = timed(runs, a.repeat)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = int(b["attention_mask"].sum())
     for k, v in med.items():

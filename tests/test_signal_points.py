@@ -16,12 +16,13 @@ from conftest import Forked, ended, logged, processes, sft, weights
 
 import checkpoints
 import llava_kd
+import models
 import signals
 
 # phase: (module, function, which call gets the signal, how the run ends: the step it stops after,
 # 0 for before the first step, None for running to its end)
 PHASES = {
-    "loading the models": (llava_kd, "load", 0, 0),
+    "loading the models": (models, "load_stage", 0, 0),
     "a step": (llava_kd, "forward_backward", 0, 1),
     "a save": (checkpoints, "save_checkpoint", 0, 2),  # step 1's save: step 2 runs, then it stops
     "the last step": (llava_kd, "forward_backward", 2, None),
