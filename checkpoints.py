@@ -263,19 +263,10 @@ def publish(out, args, step, finished):
     (twice the weights) again. One stopped by --max_steps keeps it, to go on."""
     ckpt = newest_checkpoint(out)[0]  # checkpoint/, or a save's leftover the run resumed from
     for name in os.listdir(ckpt):
-        if name in ("train_state.pt", COMPLETE):  # what --resume alone reads
-            continue
-        tmp = os.path.join(out, name + ".tmp")
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        try:
-            os.link(os.path.join(ckpt, name), tmp)
-        except OSError:  # a filesystem without hard links
-            shutil.copy(os.path.join(ckpt, name), tmp)
-        os.replace(tmp, os.path.join(out, name))
-    with open(os.path.join(out, DONE + ".tmp"), "w") as f:
-        json.dump(dict(step=step, args=args, finished=finished), f)
-    os.replace(os.path.join(out, DONE + ".tmp"), os.path.join(out, DONE))
+        if name not in ("train_state.pt", COMPLETE):  # those only --resume reads
+            write_atomic(os.path.join(out, name), source=os.path.join(ckpt, name))
+    done = dict(step=step, args=args, finished=finished)
+    write_atomic(os.path.join(out, DONE), json.dumps(done))
     if finished:
         for name in CHECKPOINTS:
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
@@ -354,7 +345,23 @@ def open_log(out, start_step):
                 kept.append(line.rstrip("\n") + "\n")
         if torn:
             print(f"note: {path}: dropped {torn} line(s) cut short by a crash")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(kept))
     return open(path, "a")
+
+
+def write_atomic(path, text=None, source=None):
+    """path holding text, or the file source (a hard link: no second copy on disk; a copy on a
+    filesystem without them), or path as it was: written beside it, then renamed over it, so that
+    a stop or a full disk leaves the one or the other, never a torn file."""
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    if source is None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    else:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy(source, tmp)
+    os.replace(tmp, path)

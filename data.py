@@ -378,7 +378,7 @@ def loader_options(batch_size, pad_token_id, workers, pin):
     )
 
 
-def take(batches, n):
+def next_micro_batches(batches, n):
     """The next n micro-batches, or one that names a dead loader worker as its error: the loader
     says so, or, when the worker died while handing over a batch's shared memory, the connection
     to it breaks."""

@@ -28,6 +28,13 @@ def note(text, ids=()):
     NOTES.append((text, list(ids)))
 
 
+def take_notes():
+    """This process's notes since the last call, and none left."""
+    notes = NOTES[:]
+    NOTES.clear()
+    return notes
+
+
 def full_disk(error, path):
     """Whether a write failed for want of space: ENOSPC, as an OSError or in the message of the
     error of a library that writes on its own (torch.save, safetensors: "os error 28")."""

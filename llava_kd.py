@@ -517,11 +517,11 @@ def global_counts(micro, image_id, device, ddp, world):
     return [max(float(c), 1.0) / world for c in count[:4]], float(count[4]), bool(count[5])
 
 
-def check(a, device, world, rank):
+def check_before_loading(a, device, world, rank):
     """Everything a run reads before any weights load: flags, data, the checkpoint to resume, the
     memory plan, every answer's length. No collective inside: every process runs it alone (each
-    checks a share of the data), and processes.agreed stops them all on one error. None: nothing to
-    train (--plan, or a stage that had finished)."""
+    checks a share of the data), and run_on_every_process stops them all on one error. None:
+    nothing to train (--plan, or a stage that had finished)."""
     stage = STAGES[a.stage]
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = flags.check_flags(a, world, stage, TABLE_A9[a.stage])
@@ -620,17 +620,17 @@ def set_up(a, ddp, cuda, device, rank, world):
     """What a stage needs before its first step: the checks (flags and every sample first: a typo
     costs seconds, not a teacher's loading time), the models placed, AdamW, the schedule and the
     step to resume at. None: nothing to train."""
-    checked = processes.agreed(check, a, device, world, rank)
+    checked = processes.run_on_every_process(check_before_loading, a, device, world, rank)
     processes.print_notes(rank == 0)
     if checked is None:  # --plan printed, or the stage had finished
         return None
     global_batch, state = checked.global_batch, checked.state
-    model, processor, teacher, ds, left_out = processes.agreed(
+    model, processor, teacher, ds, left_out = processes.run_on_every_process(
         models.load_stage, a, STAGES[a.stage], checked, cuda, world, rank
     )
     processes.print_notes(rank == 0)
     if a.drop_too_long:
-        data.leave_out(ds, processes.gathered(left_out), global_batch, a.out, rank == 0)
+        data.leave_out(ds, processes.gather_lists(left_out), global_batch, a.out, rank == 0)
     placed = (a, model, teacher, checked.checkpointing, ddp, cuda, device)
     student, teacher = place_models(*placed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -751,7 +751,7 @@ def stop_at_failed_batch(a, r, master, micro, step):
     fix = "replace the file with a readable image, --resume"
     held = f"{os.path.join(a.out, 'checkpoint')} holds step {step}"
     messages = [f"{e}; {held}: {b.get('fix', fix)}" for b in micro for e in b["errors"]]
-    processes.agreed(processes.fail, messages)
+    processes.run_on_every_process(processes.raise_messages, messages)
 
 
 def train(a):
@@ -777,7 +777,7 @@ def train(a):
         preemption.step_begins()
         for group in r.opt.param_groups:
             group["lr"] = lr_at(step, r.total, r.lr, r.table["warmup_ratio"])
-        micro = data.take(batches, r.accum)
+        micro = data.next_micro_batches(batches, r.accum)
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
         if failed:  # an image that did not decode or a dead loader worker, on any process

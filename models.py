@@ -13,7 +13,7 @@ import data
 import errors
 
 
-def loaded(cls, path, attn="sdpa", **kwargs):
+def from_pretrained_checked(cls, path, attn="sdpa", **kwargs):
     """cls.from_pretrained(path) with attention attn, or an error naming what did not load."""
     model, info = cls.from_pretrained(
         path, output_loading_info=True, attn_implementation=attn, **kwargs
@@ -172,7 +172,7 @@ def note_chat_formats(s_proc, t_proc, path):
         )
 
 
-def readable(load, path, *args):
+def load_or_refuse(load, path, *args):
     """load(path, ...), or one line naming the checkpoint that did not load (--resume, --init)."""
     try:
         return load(path, *args)
@@ -203,7 +203,7 @@ def load_vision(path, attn="sdpa"):
         raise errors.UserError(
             f"--vision {path}: a SigLIP, CLIP or LLaVA checkpoint is needed, not {cfg.model_type}"
         )
-    tower = loaded(towers[cfg.model_type], path, attn, dtype=torch.float32)
+    tower = from_pretrained_checked(towers[cfg.model_type], path, attn, dtype=torch.float32)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     # CLIP has a CLS token, which LLaVA-1.5 drops ("default"). SigLIP has none: "full" keeps all
     # 27 x 27 = 729 patch tokens at 384 px (the public code drops one).
@@ -215,7 +215,9 @@ def load_vision(path, attn="sdpa"):
 def build_student(vision_path, llm_path, attn="sdpa"):
     """A new LLaVA from a pretrained vision tower and causal LM, with a new projector; float32."""
     tower, image_processor, layer, strategy, extra = load_vision(vision_path, attn)
-    llm = loaded(transformers.AutoModelForCausalLM, llm_path, attn, dtype=torch.float32)
+    llm = from_pretrained_checked(
+        transformers.AutoModelForCausalLM, llm_path, attn, dtype=torch.float32
+    )
     tok = transformers.AutoTokenizer.from_pretrained(llm_path)
     if "<image>" not in tok.get_vocab():
         tok.add_tokens(["<image>"], special_tokens=True)
@@ -260,7 +262,9 @@ def build_student(vision_path, llm_path, attn="sdpa"):
 
 def load_llava(path, dtype=None, attn="sdpa"):
     """Any LLaVA checkpoint directory in HF format (a teacher, or a previous stage's output)."""
-    model = loaded(transformers.LlavaForConditionalGeneration, path, attn, dtype=dtype)
+    model = from_pretrained_checked(
+        transformers.LlavaForConditionalGeneration, path, attn, dtype=dtype
+    )
     processor = transformers.AutoProcessor.from_pretrained(path)
     chat.prepare_chat(processor, model.generation_config, path)
     return model, processor
@@ -295,7 +299,7 @@ def load_stage(a, stage, checked, cuda, world, rank):
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
     # LLaVA and LLM checkpoints: at lr 2e-5 most updates of a bf16 weight round away)
     if source:
-        model, processor = readable(load_llava, source, torch.float32, a.attn_implementation)
+        model, processor = load_or_refuse(load_llava, source, torch.float32, a.attn_implementation)
     else:
         model, processor = build_student(a.vision, a.llm, a.attn_implementation)
     teacher = None

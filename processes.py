@@ -34,7 +34,7 @@ def init_distributed(cuda):
     _waits.append(dist.new_group(backend="gloo", timeout=long))
 
 
-def agreed(fn, *args):
+def run_on_every_process(fn, *args):
     """fn(*args) on every process, with no collective inside. A UserError on any process stops them
     all together: each raises every distinct message (processes check parts of the data), in rank
     order, as an agreed error."""
@@ -55,7 +55,7 @@ def agreed(fn, *args):
     return result
 
 
-def gathered(items):
+def gather_lists(items):
     """Every process's list, joined in rank order (on the long waits' group)."""
     if not dist.is_initialized():
         return list(items)
@@ -67,24 +67,23 @@ def gathered(items):
 def print_notes(master):
     """errors.note's notes of every process, each once, by rank 0, with every process's ids."""
     merged = {}
-    for text, ids in gathered(errors.NOTES):
+    for text, ids in gather_lists(errors.take_notes()):
         merged.setdefault(text, []).extend(ids)
-    errors.NOTES.clear()
     for text, ids in merged.items() if master else ():
         if ids:
             text = text.replace("{n}", str(len(ids))).replace("{ids}", ", ".join(ids[:5]))
         print(text)
 
 
-def fail(messages):
-    """For agreed: this process's messages, as one UserError."""
+def raise_messages(messages):
+    """For run_on_every_process: this process's messages, as one UserError."""
     if messages:
         raise errors.UserError("\n".join(messages))
 
 
 def on_rank0(master, what, fn, *args):
-    """fn(*args) on rank 0 while the others wait (agreed): an error there stops every process with
-    its line (and rank 0's traceback), instead of leaving them at a barrier."""
+    """fn(*args) on rank 0 while the others wait (run_on_every_process): an error there stops
+    every process with its line (and rank 0's traceback), instead of leaving them at a barrier."""
 
     def attempt():
         if not master:
@@ -97,7 +96,7 @@ def on_rank0(master, what, fn, *args):
             traceback.print_exc()
             raise errors.UserError(f"rank 0: {type(e).__name__}: {e}, while {what}") from e
 
-    agreed(attempt)
+    run_on_every_process(attempt)
 
 
 _cleanups = []  # what a run undoes when it ends (main's finally, or at exit)

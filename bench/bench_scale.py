@@ -192,35 +192,11 @@ def run(d, stage, batch, steps, nproc=1, fsdp=False, checkpointing=True):
         if nproc > 1
         else []
     )
-    cmd = [
-        *launch,
-        "llava_kd.py",
-        "train",
-        "--stage",
-        stage,
-        "--data",
-        f"{d}/data.json",
-        "--images",
-        f"{d}/images",
-        "--out",
-        out,
-        "--batch_size",
-        str(batch),
-        "--global_batch_size",
-        str(batch),
-        "--max_steps",
-        str(steps),
-        "--max_length",
-        "2048",
-        "--workers",
-        "0",
-        *(["--grad_checkpointing"] if checkpointing else []),
-        "--save_every",
-        "0",
-        *extra,
-        *(["--fsdp"] if fsdp else []),
-    ]
-    cmd[cmd.index("--global_batch_size") + 1] = str(batch * nproc)
+    flags = f"--stage {stage} --data {d}/data.json --images {d}/images --out {out} --workers 0"
+    flags += f" --batch_size {batch} --global_batch_size {batch * nproc} --max_steps {steps}"
+    flags += " --max_length 2048 --save_every 0"
+    flags += " --grad_checkpointing" * checkpointing + " --fsdp" * fsdp
+    cmd = [*launch, "llava_kd.py", "train", *flags.split(), *extra]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
     shutil.rmtree(out, ignore_errors=True)
     printed = subprocess.run(cmd, check=True, cwd=here, capture_output=True, text=True).stdout

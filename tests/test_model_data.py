@@ -392,7 +392,7 @@ def test_saved_student_loads_in_stock_transformers_and_answers(toy, tmp_path):
 
 def test_each_process_checks_the_image_files_of_its_share(tmp_path):
     """Of 2 processes, each stats and opens the images of every other sample: a missing file is
-    found by the process whose share holds it (processes.agreed then stops both with its
+    found by the process whose share holds it (run_on_every_process then stops both with its
     message)."""
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [

@@ -285,15 +285,15 @@ def test_the_length_check_is_exact_at_the_boundary(toy, ckpts):
         (last + 1, False, False),
     ]:
         ds.max_length = max_length
-        errors.NOTES.clear()
+        errors.take_notes()
         if refused:
             with pytest.raises(errors.UserError, match=f"{sample['id']} \\(needs {first + 1}\\)"):
                 ds.check_lengths()
             continue
         ds.check_lengths()
-        assert bool(errors.NOTES) == cut, max_length
+        assert bool(errors.take_notes()) == cut, max_length
         assert (ds[0]["labels"] != data.IGNORE).sum() >= 1  # what the check let in trains
-    errors.NOTES.clear()
+    errors.take_notes()
 
 
 def test_padding_is_never_an_answer_nor_attended(toy, ckpts):
@@ -366,14 +366,14 @@ def test_the_traffic_bench_counts_a_products_flops_and_bytes_and_views_as_free()
 
 def test_attn_implementation_reaches_both_models(toy, ckpts, tmp_path, monkeypatch):
     seen = []
-    loaded = models.loaded
+    loaded = models.from_pretrained_checked
 
     def recording(cls, path, attn="sdpa", **kwargs):
         model = loaded(cls, path, attn, **kwargs)
         seen.append((str(path), model.config.text_config._attn_implementation))
         return model
 
-    monkeypatch.setattr(models, "loaded", recording)
+    monkeypatch.setattr(models, "from_pretrained_checked", recording)
     student, teacher = str(ckpts / "student"), str(ckpts / "teacher")
     argv = args(toy, "dft", tmp_path / "o", "--init", student, "--teacher", teacher)
     llava_kd.main(argv + ["--max_steps", "1", "--attn_implementation", "eager"])

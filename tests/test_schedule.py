@@ -93,7 +93,7 @@ def test_a_dead_loader_worker_is_one_error_batch_however_it_shows(error):
         yield dict(errors=[])
         raise error
 
-    (micro,) = data.take(batches(), 2)
+    (micro,) = data.next_micro_batches(batches(), 2)
     assert "DataLoader worker" in micro["errors"][0] and micro["fix"] == "--resume"
 
     def broken():
@@ -101,4 +101,4 @@ def test_a_dead_loader_worker_is_one_error_batch_however_it_shows(error):
         yield
 
     with pytest.raises(RuntimeError, match="another error"):  # any other error is raised
-        data.take(broken(), 1)
+        data.next_micro_batches(broken(), 1)

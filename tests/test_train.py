@@ -199,7 +199,7 @@ def test_a_real_step_equals_the_equations_on_the_stock_models_logits(
     # counts
     llava_kd.apply_stage(model, stage)
     models.share_tower(model, teacher, teacher_dir, new_student=False)  # as load_teacher does
-    errors.NOTES.clear()
+    errors.take_notes()
     counts = [
         float(m.sum())
         for m in (
