@@ -393,10 +393,9 @@ def next_micro_batches(batches, n):
         return [dict(errors=[why], fix="--resume")]
 
 
-def check_lengths(source, a, is_chat, samples, rank, world):
+def check_lengths(processor, source, a, is_chat, samples, rank, world):
     """Every answer's length (LlavaDataset.check_lengths) with the processor of the checkpoint
     `source` alone: no weights read."""
-    processor = transformers.AutoProcessor.from_pretrained(source)
     chat.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=is_chat)
     ds = LlavaDataset(a.data, a.images, processor, is_chat, a.max_length, samples)
     return ds.check_lengths(rank, world, a.drop_too_long)

@@ -540,22 +540,22 @@ def check_before_loading(a, device, world, rank):
         checkpoints.claim_out(a, rank == 0, how == "resume")
     ckpt = checkpoints.find_checkpoint(a.out) if how == "resume" else None
     source = ckpt or a.init
+    s_proc = transformers.AutoProcessor.from_pretrained(source) if source else None
     # the memory plan, from the configs alone: it stops a run that would not fit before it loads
     student = memory.meta_llava(source, a.vision, a.llm)
     apply_stage(student, a.stage)
     teacher = memory.meta_llava(a.teacher) if stage["teacher"] else None
     if teacher is not None:  # from configs and processors: no weight read yet
-        models.check_teacher(student, teacher, source, a.vision, a.teacher)
-    plan_args = (a, world, device, student, teacher, rank == 0, global_batch)
-    checkpointing = memory.check_memory(*plan_args)
+        models.check_teacher(student, teacher, s_proc, a.vision, a.teacher)
+    checkpointing = memory.check_memory(a, world, device, student, teacher, rank == 0, global_batch)
     if plan:
         return None
     state = None
     if ckpt:  # the same flags as the checkpoint's, but those that may change
         state = checkpoints.read_train_state(os.path.join(ckpt, "train_state.pt"))
         checkpoints.check_resume(a, state["args"], digest)
-    # every answer's length, with the processor alone
-    left_out = data.check_lengths(source, a, stage["chat"], samples, rank, world) if source else []
+    length_args = (s_proc, source, a, stage["chat"], samples, rank, world)  # the processor alone
+    left_out = data.check_lengths(*length_args) if source else []
     return types.SimpleNamespace(
         global_batch=global_batch,
         samples=samples,

@@ -61,14 +61,13 @@ TOWER_SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
 TOWER_SHAPE += ("num_attention_heads", "image_size", "patch_size", "num_channels")
 
 
-def check_teacher(student, teacher, source, vision, teacher_path):
+def check_teacher(student, teacher, s_proc, vision, teacher_path):
     """Before any weight is read (meta models; processors from their files): a new student's tower
-    (--vision) has the teacher's shape; a student from a checkpoint (source) reads the teacher's
-    token ids, image token, visual features and visual tokens an image (check_compatible)."""
-    if source is None:
+    (--vision) has the teacher's shape; a student from a checkpoint (its processor s_proc) reads
+    the teacher's token ids, image token, visual features and visual tokens an image."""
+    if s_proc is None:
         check_tower_shape(student, teacher, vision, teacher_path)
         return
-    s_proc = transformers.AutoProcessor.from_pretrained(source)
     t_proc = transformers.AutoProcessor.from_pretrained(teacher_path)
     check_compatible(teacher, t_proc, student, s_proc)
 
