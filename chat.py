@@ -26,8 +26,6 @@ TYPED_AS_STRING = (  # image parts first, "<image>\n" each, then the text parts:
     "{%- endfor -%}"
     "{%- set messages = ns.m -%}"
 )
-
-
 STRING_AS_TYPED = (  # one image part per "<image>", then the text without them
     "{%- set ns = namespace(m=[]) -%}"
     "{%- for m in messages -%}"
@@ -45,8 +43,6 @@ STRING_AS_TYPED = (  # one image part per "<image>", then the text without them
     "{%- endfor -%}"
     "{%- set messages = ns.m -%}"
 )
-
-
 PROBE = {
     "string": [
         {"role": "user", "content": "<image>\nQUESTION"},

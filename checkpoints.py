@@ -16,11 +16,7 @@ import processes
 # checkpoint holds the whole state (AdamW's by parameter name), so DDP and FSDP2 continue each
 # other's; --data is compared by what the file holds (data_sha256), not where it is.
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
-
-
 MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out", "auto_resume", "fsdp"}
-
-
 MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation", "data"}
 
 
@@ -44,11 +40,7 @@ def check_resume(a, saved, digest, what=None):
 
 # A save writes checkpoint.tmp/, then renames it checkpoint/ (the one before: checkpoint.old/)
 CHECKPOINTS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
-
-
 COMPLETE = "complete.json"  # written last: {"step": n, "files": {name: bytes}}
-
-
 DONE = "done.json"  # the stage's output is published (publish writes it last): {"step", "args",
 # "finished": the whole schedule ran, its checkpoint is then removed}
 

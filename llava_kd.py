@@ -459,30 +459,30 @@ def teacher_gram(teacher, model):
 
 
 def stage_loss(
-    student, model, teacher, batch, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4, step=None
+    runner, llava, teacher, batch, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4, step=None
 ):
     """One micro-batch's loss: L_reg in pt and sft; with a teacher (dpt, dft) L_reg + alpha L_res +
-    beta L_vis + gamma L_rel (+ delta L_pro). `student` runs the student (Student, or DDP around
-    it), `model` is its LLaVA, `batch` the CPU's (pinned on CUDA). The teacher gives its last hidden
-    states and head; fused_loss does the rest."""
-    device = model.lm_head.weight.device
+    beta L_vis + gamma L_rel (+ delta L_pro). `runner` runs the student (Student, or DDP or FSDP2
+    around it), `llava` the student's LLaVA, `batch` the CPU's (pinned on CUDA). The teacher
+    gives its last hidden states and head; fused_loss does the rest."""
+    device = llava.lm_head.weight.device
     b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    visual = batch["input_ids"] == model.config.image_token_id
+    visual = batch["input_ids"] == llava.config.image_token_id
     masks = dict(labels=batch["labels"], attention_mask=batch["attention_mask"])
     cpu = types.SimpleNamespace(**masks, visual_mask=visual)
     with torch.no_grad():  # the frozen, shared vision tower: Z_v once for both models
         z_v = None
         if b["pixel_values"] is not None:
-            z_v = vision_features(model, b["pixel_values"])
+            z_v = vision_features(llava, b["pixel_values"])
         h_t = w_t = None
         if teacher is not None:
             # a student that kept its own tower: the teacher reads the images with its own
-            own = teacher.model.vision_tower is not model.model.vision_tower
+            own = teacher.model.vision_tower is not llava.model.vision_tower
             z_t = vision_features(teacher, b["pixel_values"]) if own and z_v is not None else z_v
             h_t = llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_t)
             w_t = teacher.lm_head.weight
     ids, mask = b["input_ids"], b["attention_mask"]
-    loss, terms = student(ids, mask, z_v, cpu, h_t, w_t, weights, counts, step)
+    loss, terms = runner(ids, mask, z_v, cpu, h_t, w_t, weights, counts, step)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
@@ -754,6 +754,21 @@ def stop_at_failed_batch(a, r, master, micro, step):
     processes.run_on_every_process(processes.raise_messages, messages)
 
 
+def start(a):
+    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
+    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and not a.cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        processes.init_distributed(cuda)
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    return ddp, cuda, device, rank, world
+
+
 def train(a):
     """One stage: the loop, nanoGPT's shape, with the checks and the checkpoints around it."""
     ckpt = os.path.join(a.out, "checkpoint")
@@ -829,21 +844,6 @@ def main(argv=None):
         processes.stop(e, a.out)
     finally:
         processes.cleanup()  # the signal handlers and --out's lock
-
-
-def start(a):
-    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
-    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        processes.init_distributed(cuda)
-    rank = dist.get_rank() if ddp else 0
-    world = dist.get_world_size() if ddp else 1
-    return ddp, cuda, device, rank, world
 
 
 if __name__ == "__main__":

@@ -77,19 +77,9 @@ def peak_reserved_bytes(device):
 ACTIVATIONS = {torch.float32: (40, 16), torch.bfloat16: (36, 8)}
 # fused_loss's block, logits (the loop's): on CUDA 883 rows of Qwen's 151936, the heads read once
 # a block; [rows, V] float32 tensors alive in a block (2.7 measured, peak RSS)
-
-
-# fused_loss's block, logits (the loop's): on CUDA 883 rows of Qwen's 151936, the heads read once
-# a block; [rows, V] float32 tensors alive in a block (2.7 measured, peak RSS)
 LOSS_BLOCK = dict(cuda=2**27, cpu=2**24)
-
-
 BLOCK_TENSORS = 3
-
-
 CPU_RUNTIME = 0.42 * 2**30  # python, torch, transformers and the data (the toy: 0.41 measured)
-
-
 CUDA_RUNTIME = 1.0 * 2**30  # CUDA context, NCCL buffers (an estimate; nothing on a CPU shows it)
 
 

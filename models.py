@@ -56,8 +56,6 @@ def tower_from_llava(path, cfg, attn="sdpa"):
 
 # What makes two vision towers one shape (their configs)
 TOWER_SHAPE = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers")
-
-
 TOWER_SHAPE += ("num_attention_heads", "image_size", "patch_size", "num_channels")
 
 
