@@ -68,7 +68,7 @@ def peak_reserved_bytes(device):
 
 
 # Saved activations a token a decoder layer (Qwen2/Llama: attention + SwiGLU MLP), measured with
-# saved_tensors_hooks (test_plan.py measures them again): bytes = a_D x hidden + a_I x intermediate,
+# saved_tensors_hooks (tests/test_plan.py measures them): bytes = a_D x hidden + a_I x intermediate,
 # and a row of the attention mask: each layer converts the padded batch's [T, T] mask to the query's
 # dtype and keeps it. float32: 10 hidden-wide tensors (two RMSNorms' inputs and outputs, q, k, v,
 # the projections' inputs) and 4 intermediate-wide (gate, up, act(gate), their product); bf16
