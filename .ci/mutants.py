@@ -632,7 +632,7 @@ MUTANTS = [
         "data.py",
         "except (RuntimeError, ConnectionError, EOFError) as e:",
         "except RuntimeError as e:",
-        ["tests/test_nothing_lost.py", "-k", "killed_loader"],
+        ["tests/test_schedule.py", "tests/test_nothing_lost.py", "-k", "loader_worker"],
     ),
     (
         "a teacher's visual tokens checked only once its weights load",
@@ -644,7 +644,7 @@ MUTANTS = [
     (
         "a new student's tower of another width taken",
         "models.py",
-        "    if source is None:\n        check_tower_shape(",
+        "    if s_proc is None:\n        check_tower_shape(",
         "    if False:\n        check_tower_shape(",
         ["tests/test_errors.py", "-k", "another_shape"],
     ),

@@ -62,6 +62,14 @@ TOY_RECIPE = dict(SEEDS="1", TOY_STEPS="4", TOY_QUICK="1", NGPU="1", TOY_SEED="1
 STARTED = []  # the train.sh runs this process started
 
 
+def default_signals():
+    """A child's start (preexec_fn): the stop signals at their defaults, whatever this process was
+    started with (nohup ignores SIGHUP, a background job SIGINT and SIGQUIT): bash cannot trap a
+    signal that was ignored when it started."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def start_recipe(out, **env):
     """`bash train.sh`'s toy recipe, shortened (TOY_RECIPE), into out; its output in out.txt."""
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **TOY_RECIPE, **env)
@@ -75,6 +83,7 @@ def start_recipe(out, **env):
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,  # train.sh and the stages it starts: one process group
+                preexec_fn=default_signals,
             )
         )
     return STARTED[-1]

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, default_signals
 
 import signals
 
@@ -25,8 +25,8 @@ argv = sys.argv[1:]
 if argv[:1] == ["-c"]:  # train.sh's count of the GPUs
     print(1)
     sys.exit(0)
-record(event="start", pid=os.getpid(), argv=argv)
-if "train" in argv and os.environ.get("STANDIN_SECONDS"):  # a stage: stops on a signal, as one does
+stage = "train" in argv and os.environ.get("STANDIN_SECONDS")
+if stage:  # a stage: stops on a signal, as one does; its handlers are up before it says it started
     def stop(signum, frame):
         name = signal.Signals(signum).name
         record(event="signal", pid=os.getpid(), signal=name)
@@ -34,6 +34,8 @@ if "train" in argv and os.environ.get("STANDIN_SECONDS"):  # a stage: stops on a
         sys.exit(1)
     for s in {signals}:
         signal.signal(s, stop)
+record(event="start", pid=os.getpid(), argv=argv)
+if stage:
     time.sleep(float(os.environ["STANDIN_SECONDS"]))
 """
 
@@ -154,6 +156,7 @@ def start(env, **settings):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # the recipe's processes: one group, ended together below
+        preexec_fn=default_signals,
     )
 
 
@@ -175,8 +178,7 @@ def test_the_toy_recipe_passes_each_signal_on_to_every_stage_and_starts_nothing_
     proc = start(env, SEEDS="1", STANDIN_SECONDS="30")
     try:
         stages = running_stages(record, 3, proc)  # toy.py setup, then the first of two chains
-        assert len(stages) == 2, records(record)
-        time.sleep(0.3)  # both handlers are up
+        assert len(stages) == 2, records(record)  # each with its handlers up
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
     finally:
