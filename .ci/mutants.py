@@ -19,7 +19,8 @@ DATA = ["tests/test_model_data.py", "tests/test_properties.py", "tests/test_erro
 LOOP = ["tests/test_train.py", "tests/test_properties.py", "tests/test_nothing_lost.py"]
 RUNTIME = ["tests/test_nothing_lost.py", "tests/test_plan.py", "tests/test_continue.py"]
 RUNTIME += ["tests/test_properties.py"]
-SCRIPT = ["tests/test_properties.py", "tests/test_continue.py", "tests/test_recipe.py"]
+SCRIPT = ["tests/test_train_sh.py", "tests/test_properties.py", "tests/test_continue.py"]
+SCRIPT += ["tests/test_recipe.py"]
 
 MUTANTS = [
     # the twelve properties of issue 43
