@@ -173,9 +173,8 @@ def fused_loss(
     counts=(None,) * 4,
     block=2**24,
 ):
-    """(loss, terms) = next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T); L_reg alone with no
-    teacher. m_s, m_t: each head's W^T W on the shared vocabulary (the loop's); block: logits in a
-    block. With the masks on the CPU (the loop's), nothing waits for the GPU."""
+    """(loss, terms) = next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T), or L_reg alone.
+    m_s, m_t: W^T W (lean_relation); block: logits a block. Masks on the CPU: no wait on the GPU."""
     teacher = h_t is not None
     device = h_s.device
     # GEMMs in the dtype of the model's own head (bf16 under autocast), the rest in float32 at least
@@ -183,10 +182,10 @@ def fused_loss(
     gemm_dtype = torch.get_autocast_dtype(device.type) if amp else h_s.dtype
     acc_dtype = torch.promote_types(h_s.dtype, torch.float32)
     weights = dict(zip(TERMS, (1.0, alpha, beta, gamma, delta) if teacher else (1.0, 0, 0, 0, 0)))
-    masks = (labels, visual_mask, attention_mask)
-    terms = loss_rows(*masks, weights, counts, device, acc_dtype)
+    terms = loss_rows(labels, visual_mask, attention_mask, weights, counts, device, acc_dtype)
     n, scale, rows, in_term, a, b, target, rel_rows, K = terms
-    h, w = h_s.detach().flatten(0, 1), w_s.detach()
+    h = h_s.detach().flatten(0, 1)
+    w = w_s.detach()
     w_gemm = w.to(gemm_dtype)  # a copy only under autocast
     V = len(w)
     v = min(V, len(w_t)) if teacher else V  # the shared vocabulary
@@ -196,15 +195,10 @@ def fused_loss(
     dL_dh = torch.zeros(h.shape, dtype=acc_dtype, device=device)
     dL_dW = None
     with torch.autocast(device.type, enabled=False) if amp else contextlib.nullcontext():
-        if K:  # L_rel first, from [K, D] and [D, D] tensors; M = W^T W: dL/dW = W (dL/dM + dL/dM^T)
-            m_s = head_gram(w[:v]) if m_s is None else m_s
-            m_t = head_gram(w_t.detach()[:v]) if m_t is None else m_t
-            args = (h[rel_rows], h_t[rel_rows], m_s, m_t, K, float(scale[4]))
-            sums[4], dL_dH, dL_dM = lean_relation(*args)
+        if K:  # L_rel first, on the shared vocabulary, from [K, D] and [D, D] tensors
+            heads = (w[:v], w_t.detach()[:v], m_s, m_t, w_gemm if w_s.requires_grad else None)
+            sums[4], dL_dH, dL_dW = lean_relation(h[rel_rows], h_t[rel_rows], K, scale[4], *heads)
             dL_dh.index_add_(0, rel_rows, dL_dH)
-            if w_s.requires_grad:
-                dL_dW = matmul(w_gemm[:v], dL_dM.to(gemm_dtype), acc_dtype)
-                dL_dW = F.pad(dL_dW, (0, 0, 0, V - v)) if v < V else dL_dW
         for start in range(0, len(rows), max(1, block // V)):
             part = slice(start, start + max(1, block // V))
             h_block = h[rows[part]].to(gemm_dtype)
@@ -216,7 +210,7 @@ def fused_loss(
                 dL_dW = matmul(G.T, h_block, acc_dtype, dL_dW)
             del G  # before the next block's
     if w_s.requires_grad and dL_dW is None:  # no row in any term
-        dL_dW = torch.zeros(w.shape, dtype=acc_dtype, device=device)
+        dL_dW = torch.zeros_like(w, dtype=acc_dtype)
     loss = (sums * to_device(scale, device)).sum().to(acc_dtype)
     loss = _GivenGradients.apply(loss, h_s, w_s, dL_dh.view(h_s.shape), dL_dW)
     names = BLOCK_ORDER if teacher else BLOCK_ORDER[:1]
@@ -288,8 +282,12 @@ def lean_block(h, w, target, a, b, h_t=None, w_t=None):
     return nll, kl, G
 
 
-def lean_relation(H_s, H_t, m_s, m_t, K, scale):
-    """L_rel of samples of K visual rows each: R = Y Y^T = H M H^T, M = W^T W, never [K, V]."""
+def lean_relation(H_s, H_t, K, scale, w_s, w_t, m_s=None, m_t=None, w_gemm=None):
+    """L_rel of samples of K visual rows each: R = Y Y^T = H M H^T, M = W^T W on the shared
+    vocabulary (m_s, m_t when given), never [K, V]. (its sum, dL/dH, dL/dW when the student's whole
+    head w_gemm is given: W (dL/dM + dL/dM^T) on the shared rows, 0 on the others)."""
+    m_s = head_gram(w_s) if m_s is None else m_s
+    m_t = head_gram(w_t) if m_t is None else m_t
     dtype = m_s.dtype  # float32 at least
     M_s = m_s.detach().requires_grad_()
     H_s = H_s.to(dtype).requires_grad_()
@@ -297,8 +295,12 @@ def lean_relation(H_s, H_t, m_s, m_t, K, scale):
     with torch.enable_grad():
         R_s = [H @ M_s @ H.T for H in H_s.split(K)]
         relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
-        dL_dH, dL_dM = torch.autograd.grad(relation * scale, (H_s, M_s))
-    return relation.detach(), dL_dH, dL_dM + dL_dM.T
+        dL_dH, dL_dM = torch.autograd.grad(relation * float(scale), (H_s, M_s))
+    dL_dM = dL_dM + dL_dM.T
+    dL_dW = None if w_gemm is None else matmul(w_gemm, dL_dM.to(w_gemm.dtype), dtype)
+    if dL_dW is not None:
+        dL_dW[len(w_s) :] = 0  # rows beyond the teacher's vocabulary
+    return relation.detach(), dL_dH, dL_dW
 
 
 def rowdot(x, y):
@@ -837,10 +839,7 @@ def main(argv=None):
     a = flags.parser(__doc__, list(STAGES)).parse_args(argv)
     try:
         train(a)
-    except (
-        errors.UserError,
-        OSError,
-    ) as e:  # the user's to fix (a full disk too): one line, exit 1
+    except (errors.UserError, OSError) as e:  # the user's to fix (a full disk too): one line
         processes.stop(e, a.out)
     finally:
         processes.cleanup()  # the signal handlers and --out's lock
