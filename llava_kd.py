@@ -298,7 +298,7 @@ def lean_relation(H_s, H_t, K, scale, w_s, w_t, m_s=None, m_t=None, w_gemm=None)
         dL_dH, dL_dM = torch.autograd.grad(relation * float(scale), (H_s, M_s))
     dL_dM = dL_dM + dL_dM.T
     dL_dW = None if w_gemm is None else matmul(w_gemm, dL_dM.to(w_gemm.dtype), dtype)
-    if dL_dW is not None:
+    if dL_dW is not None and len(w_s) < len(dL_dW):
         dL_dW[len(w_s) :] = 0  # rows beyond the teacher's vocabulary
     return relation.detach(), dL_dH, dL_dW
 

@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import torch
 import transformers
-from conftest import ROOT
+from conftest import ROOT, args
 
 import chat
 import checkpoints
@@ -197,31 +197,8 @@ def test_fixture_shapes(real):
 
 
 def run(toy, stage, out, *extra):
-    data = "pretrain" if stage in ("pt", "dpt") else "sft"
-    llava_kd.main(
-        [
-            "train",
-            "--stage",
-            stage,
-            "--data",
-            f"{toy}/data/{data}.json",
-            "--images",
-            f"{toy}/data/images",
-            "--out",
-            str(out),
-            "--workers",
-            "0",
-            "--global_batch_size",
-            "2",
-            "--batch_size",
-            "2",
-            "--max_steps",
-            "1",
-            "--max_length",
-            "400",
-            *map(str, extra),
-        ]
-    )
+    one_step = ["--global_batch_size", "2", "--batch_size", "2", "--max_steps", "1"]
+    llava_kd.main(args(toy, stage, out, *one_step, "--max_length", "400", *map(str, extra)))
     return [json.loads(line) for line in open(out / "log.jsonl")]
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import transformers
+from conftest import args
 from PIL import Image
 
 import llava_kd
@@ -33,23 +34,7 @@ def stock(out):
 
 
 def train(toy, stage, out, *extra):
-    data = "pretrain" if stage in ("pt", "dpt") else "sft"
-    llava_kd.main(
-        [
-            "train",
-            "--stage",
-            stage,
-            "--data",
-            f"{toy}/data/{data}.json",
-            "--images",
-            f"{toy}/data/images",
-            "--out",
-            str(out),
-            "--workers",
-            "0",
-            *map(str, extra),
-        ]
-    )
+    llava_kd.main(args(toy, stage, out, *map(str, extra)))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import ROOT, changed, ended, processes, weights
+from conftest import ROOT, args, changed, ended, processes, weights
 
 import errors
 import llava_kd
@@ -19,26 +19,6 @@ import toy as toy_module
 @pytest.fixture(scope="module")
 def student_dir(ckpts):  # conftest.py's untrained student
     return str(ckpts / "student")
-
-
-def args(toy, out, stage="dft", data="sft"):
-    return [
-        "train",
-        "--stage",
-        stage,
-        "--data",
-        f"{toy}/data/{data}.json",
-        "--images",
-        f"{toy}/data/images",
-        "--out",
-        str(out),
-        "--workers",
-        "0",
-        "--global_batch_size",
-        "16",
-        "--batch_size",
-        "8",
-    ]
 
 
 def replace(argv, flag, value):
@@ -100,9 +80,9 @@ def test_a_wrong_path_flag_is_one_line_naming_it_before_any_weights_load(
     def fill(x):
         return x.format(toy=toy, student=student_dir)
 
-    argv = args(toy, tmp_path) + ["--init", student_dir, "--teacher", student_dir]
+    argv = args(toy, "dft", tmp_path) + ["--init", student_dir, "--teacher", student_dir]
     if flag in ("--vision", "--llm"):  # a new student: --vision and --llm instead of --init
-        argv = args(toy, tmp_path, "dpt", "pretrain") + [
+        argv = args(toy, "dpt", tmp_path) + [
             "--teacher",
             student_dir,
             "--vision",
@@ -118,9 +98,9 @@ def test_a_wrong_path_flag_is_one_line_naming_it_before_any_weights_load(
 
 def test_missing_flags_are_named(toy, student_dir, tmp_path, no_weights):
     with pytest.raises(SystemExit, match="^error: --stage dft needs --teacher DIR$"):
-        llava_kd.main(args(toy, tmp_path) + ["--init", student_dir])
+        llava_kd.main(args(toy, "dft", tmp_path) + ["--init", student_dir])
     with pytest.raises(SystemExit, match="^error: give --init DIR .* or --vision DIR --llm DIR"):
-        llava_kd.main(args(toy, tmp_path, "pt", "pretrain") + ["--vision", f"{toy}/vision"])
+        llava_kd.main(args(toy, "pt", tmp_path) + ["--vision", f"{toy}/vision"])
 
 
 def test_a_teacher_where_none_is_taken_and_too_few_samples_are_named(
@@ -128,10 +108,10 @@ def test_a_teacher_where_none_is_taken_and_too_few_samples_are_named(
 ):
     with pytest.raises(SystemExit, match="^error: --stage sft takes no --teacher$"):
         llava_kd.main(
-            args(toy, tmp_path, "sft") + ["--init", student_dir, "--teacher", student_dir]
+            args(toy, "sft", tmp_path) + ["--init", student_dir, "--teacher", student_dir]
         )
     argv = replace(
-        args(toy, tmp_path, "sft") + ["--init", student_dir], "--global_batch_size", "128"
+        args(toy, "sft", tmp_path) + ["--init", student_dir], "--global_batch_size", "128"
     )
     argv = replace(argv, "--batch_size", "64")
     with pytest.raises(
@@ -147,7 +127,7 @@ def test_bad_data_is_reported_before_any_weights_load(toy, student_dir, tmp_path
     rows[3]["conversations"] = rows[3]["conversations"][:1]  # a question with no answer
     (tmp_path / "bad.json").write_text(json.dumps(rows))
     argv = replace(
-        args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir],
+        args(toy, "dft", tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir],
         "--data",
         str(tmp_path / "bad.json"),
     )
@@ -160,7 +140,7 @@ def test_bad_data_is_reported_before_any_weights_load(toy, student_dir, tmp_path
 
 def test_the_command_line_prints_one_line_and_no_traceback_once_per_run(toy, student_dir, tmp_path):
     """`python llava_kd.py`: the one line on stderr, exit 1; of 2 processes, rank 0 says it."""
-    argv = args(toy, tmp_path) + ["--init", student_dir, "--teacher", "/tmp/nonexist"]
+    argv = args(toy, "dft", tmp_path) + ["--init", student_dir, "--teacher", "/tmp/nonexist"]
     one = subprocess.run(
         [sys.executable, "llava_kd.py", *argv],
         cwd=ROOT,
@@ -182,13 +162,13 @@ def test_a_crashed_run_resumed_ends_as_an_uninterrupted_one_and_logs_each_step_o
     """Stopped at the checkpoint of step 2 after logging step 3, then resumed: the weights of an
     uninterrupted run, each step logged once. Resuming with another --seed is refused."""
     common = ["--init", student_dir, "--lr", "1e-3", "--save_every", "2", "--teacher", student_dir]
-    llava_kd.main(args(toy, tmp_path / "whole") + common + ["--max_steps", "4"])
+    llava_kd.main(args(toy, "dft", tmp_path / "whole") + common + ["--max_steps", "4"])
     whole = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
-    llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "2"])
+    llava_kd.main(args(toy, "dft", tmp_path / "crash") + common + ["--max_steps", "2"])
     # the crashed run got to log step 3, not to save it
     with open(tmp_path / "crash" / "log.jsonl", "a") as f:
         f.write(json.dumps(dict(whole[2], loss=123.0)) + "\n")
-    llava_kd.main(args(toy, tmp_path / "crash") + common + ["--max_steps", "4", "--resume"])
+    llava_kd.main(args(toy, "dft", tmp_path / "crash") + common + ["--max_steps", "4", "--resume"])
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "crash")
     assert changed(a, weights(student_dir))
     for k in a:
@@ -197,7 +177,7 @@ def test_a_crashed_run_resumed_ends_as_an_uninterrupted_one_and_logs_each_step_o
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for r, s in zip(whole, resumed):
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-6)
-    argv = args(toy, tmp_path / "crash") + common + ["--seed", "1", "--resume"]
+    argv = args(toy, "dft", tmp_path / "crash") + common + ["--seed", "1", "--resume"]
     with pytest.raises(SystemExit, match=r"was written with --seed 0 \(now 1\)"):
         llava_kd.main(argv)
 
@@ -208,11 +188,10 @@ def test_the_no_weights_guard_catches_the_loads_training_makes(
     """The guard above is what makes "before any weights load" true: valid flags get past the checks
     to the first load, through the same calls training makes for a new student and for --init."""
     with pytest.raises(AssertionError, match="weights were loaded"):
-        llava_kd.main(args(toy, tmp_path, "sft") + ["--init", student_dir])
+        llava_kd.main(args(toy, "sft", tmp_path) + ["--init", student_dir])
     with pytest.raises(AssertionError, match="weights were loaded"):
         llava_kd.main(
-            args(toy, tmp_path, "pt", "pretrain")
-            + ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"]
+            args(toy, "pt", tmp_path) + ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"]
         )
 
 
@@ -256,7 +235,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_its_file_before_any_weights_loa
     toy, student_dir, tmp_path, no_weights, flag, damage
 ):
     d = damaged(student_dir, tmp_path, damage)
-    argv = args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
+    argv = args(toy, "dft", tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
     with pytest.raises(SystemExit) as e:
         llava_kd.main(replace(argv, flag, d))
     message = str(e.value)
@@ -269,7 +248,7 @@ def test_an_out_that_cannot_be_written_is_one_line(toy, student_dir, tmp_path, m
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(os, "makedirs", read_only)  # as root, chmod would not stop the test
-    argv = args(toy, tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
+    argv = args(toy, "dft", tmp_path / "out") + ["--init", student_dir, "--teacher", student_dir]
     with pytest.raises(SystemExit) as e:
         llava_kd.main(argv)
     assert str(e.value) == (
@@ -338,7 +317,7 @@ def test_a_teacher_of_other_visual_tokens_is_refused_before_any_weight_is_read(
     config = json.loads((teacher / "processor_config.json").read_text())
     config["image_processor"]["size"] = {"height": 64, "width": 64}
     (teacher / "processor_config.json").write_text(json.dumps(config))
-    argv = args(toy, tmp_path / "out") + ["--init", str(ckpts / "student")]
+    argv = args(toy, "dft", tmp_path / "out") + ["--init", str(ckpts / "student")]
     with pytest.raises(SystemExit) as e:
         llava_kd.main(argv + ["--teacher", str(teacher)])
     assert str(e.value) == (
