@@ -733,14 +733,15 @@ def log_record(r, step, host, grad_norm, tokens, seconds, device, held):
     """log.jsonl's line of a step: the loss and its terms (the step's means), lr, the gradient's
     norm, the time, tokens/s and memory."""
     rec = dict(zip(("loss",) + TERMS, host))
+    peak, reserved = memory.peaks(device)
     rec.update(
         step=step + 1,
         lr=r.opt.param_groups[0]["lr"],
         grad_norm=grad_norm.item(),
         seconds=seconds,
         tokens_per_s=tokens / seconds,
-        peak_gib=memory.peak_bytes(device) / 2**30,
-        peak_reserved_gib=memory.peak_reserved_bytes(device) / 2**30,
+        peak_gib=peak / 2**30,
+        peak_reserved_gib=reserved / 2**30,
         trained_gib=held / 2**30,
     )
     return rec

@@ -2,6 +2,7 @@
 weight loads), what the log reports, and the frozen weights held in bf16 on CUDA. GiB = 2**30."""
 
 import os
+import re
 import resource
 
 import torch
@@ -36,35 +37,27 @@ def trained_bytes(params, opt):
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def peak_bytes(device):
-    """The peak of memory allocated (CUDA), or on a CPU the process's peak resident memory and the
-    pages of the checkpoint files it maps that were never read in (a frozen teacher's embedding
-    rows no token looked up): a GPU holds those weights whole, and so does the plan."""
+def peaks(device):
+    """(allocated, reserved): on CUDA the peaks of memory allocated and of what the caching
+    allocator held (what the device must have); on a CPU both the peak resident memory and the pages
+    of the checkpoint files it maps that were never read in (a frozen teacher's embedding rows no
+    token looked up): a GPU holds those weights whole, and so does the plan."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + unread_mapped_bytes()
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + unread_mapped_bytes()
+    return peak, peak
 
 
 def unread_mapped_bytes():
-    """The bytes of this process's mapped .safetensors files not resident (/proc/self/smaps)."""
-    unread, mapped = 0, False
+    """The bytes of this process's mapped .safetensors files not resident (/proc/self/smaps: a
+    mapping's header line ends with its path; its Size and Rss lines follow)."""
+    with open("/proc/self/maps") as f:  # ~30x faster to read than smaps
+        if ".safetensors" not in f.read():
+            return 0
     with open("/proc/self/smaps") as f:
-        for line in f:
-            field = line.split()
-            if "-" in field[0] and ":" not in field[0]:  # a mapping's header: range, ..., path
-                mapped = field[-1].endswith(".safetensors")
-            elif mapped and field[0] == "Size:":
-                unread += int(field[1]) * 1024
-            elif mapped and field[0] == "Rss:":
-                unread -= int(field[1]) * 1024
-    return unread
-
-
-def peak_reserved_bytes(device):
-    """CUDA: the peak the caching allocator held (what the device must have); CPU: as peak_bytes."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device)
-    return peak_bytes(device)
+        text = f.read()
+    found = re.finditer(r"\.safetensors\nSize:\s+(\d+) kB\n(?:.*\n)*?Rss:\s+(\d+) kB", text)
+    return sum(int(size) - int(rss) for size, rss in (m.groups() for m in found)) * 1024
 
 
 # Saved activations a token a decoder layer (Qwen2/Llama: attention + SwiGLU MLP), measured with

@@ -201,3 +201,22 @@ def test_the_plan_counts_the_gradients_fsdp2_holds_between_micro_steps(
     rows = memory.memory_plan(student, None, 4, 192, 2, False, True, 0.5, 2, accum=2)
     planned = {what: b for what, b, _ in rows}["gradients, float32"]
     assert held == [planned, planned]
+
+
+def test_a_cpu_peak_counts_the_pages_of_a_mapped_checkpoint_not_read_in(tmp_path):
+    """What a GPU would hold whole: a mapped .safetensors file's pages count until they are read
+    (then the resident memory counts them); another mapped file never counts."""
+    import mmap
+
+    size = 8 * 2**20
+    for name in ("w.safetensors", "w.bin"):
+        (tmp_path / name).write_bytes(b"\0" * size)
+    before = memory.unread_mapped_bytes()
+    with open(tmp_path / "w.bin", "rb") as other, open(tmp_path / "w.safetensors", "rb") as f:
+        ignored = mmap.mmap(other.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert memory.unread_mapped_bytes() - before == size
+        assert sum(mapped[i] for i in range(0, size, 4096)) == 0  # every page read in
+        assert memory.unread_mapped_bytes() == before
+        mapped.close()
+        ignored.close()
