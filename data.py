@@ -5,6 +5,7 @@ A LLaVA JSON file is a list of {"id", "image"?, "conversations": [{"from": "huma
 human turn.
 """
 
+import array
 import functools
 import hashlib
 import json
@@ -22,6 +23,7 @@ import processes
 import signals
 
 IGNORE = -100  # label of every position that is not an answer token: no loss is taken there
+CACHED = 4096  # rows whose tokens a data set keeps (LlavaDataset.tokens)
 
 
 def image_seq_length(processor):
@@ -174,6 +176,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 f"its processor and tokenizer have none"
             )
         self.rows = read_samples(json_path, image_folder) if samples is None else samples
+        self.cached = {}  # tokens(): the first CACHED rows' tokens
 
     def __len__(self):
         return len(self.rows)
@@ -183,8 +186,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         max_length is refused by id (drop: noted, and its index returned); a cut answer noted."""
         refused, cut, left_out = [], [], []
         for i in range(rank, len(self.rows), world):
-            sid, image, conv = self.rows[i]
-            ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
+            sid, image, _ = self.rows[i]
+            ids, labels = self.tokens(i)
             shift = self.n_image_tokens - 1 if image is not None else 0  # <image> -> n tokens
             answer = [j + shift for j, label in enumerate(labels) if label != IGNORE]
             problem = None
@@ -243,9 +246,21 @@ class LlavaDataset(torch.utils.data.Dataset):
         ]
         return enc["input_ids"], labels
 
-    def __getitem__(self, i):
-        sid, image, conv = self.rows[i]
+    def tokens(self, i):
+        """Row i's token ids and labels, <image> one token. The first CACHED rows asked for are kept
+        (~6 KB a row of 700 tokens): a small data set is rendered once, not once an epoch."""
+        if i in self.cached:
+            ids, labels = self.cached[i]
+            return list(ids), list(labels)
+        _, image, conv = self.rows[i]
         ids, labels = self._chat(conv) if self.chat else self._plain(conv, image is not None)
+        if len(self.cached) < CACHED:
+            self.cached[i] = (array.array("i", ids), array.array("i", labels))
+        return ids, labels
+
+    def __getitem__(self, i):
+        sid, image, _ = self.rows[i]
+        ids, labels = self.tokens(i)
         pixel_values = None
         # one <image> token -> n_image_tokens of them, never cut by truncation
         if image is not None:

@@ -733,7 +733,7 @@ def log_record(r, step, host, grad_norm, tokens, seconds, device, held):
     """log.jsonl's line of a step: the loss and its terms (the step's means), lr, the gradient's
     norm, the time, tokens/s and memory."""
     rec = dict(zip(("loss",) + TERMS, host))
-    peak, reserved = memory.peaks(device)
+    peak, reserved = memory.peaks(device, step)
     rec.update(
         step=step + 1,
         lr=r.opt.param_groups[0]["lr"],

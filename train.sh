@@ -25,6 +25,7 @@
 #   NODE_RANK     this node's rank (0 .. NNODES-1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 29500)
 #   SEEDS         toy recipe only: student seeds (default "0 1 2")
 #   TOY_SEED      toy recipe only: the seed of the toy setup, shared by every student seed (data, tower, LLMs; default 0)
+#   PROGRESS_EVERY  toy recipe only: seconds between the lines that say where each chain is (default 20)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}  # the Python to run (the tests give theirs)
@@ -117,19 +118,17 @@ fi
 
 # ---- the toy recipe: tiny models and a synthetic image-QA set written here, offline, on a CPU ----
 EXTRA=${EXTRA:-}; SEEDS=${SEEDS:-0 1 2}; T=$OUT/setup
-TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-3}; TOY_TEACHER_EPOCHS=${TOY_TEACHER_EPOCHS:-3}
-# sft/dft: global batch 8 (450 steps): at 32 (111 steps, lr 2e-3) the students stayed at the question-only prior
-# the teacher at 5e-4: at 2e-3 its SFT forgot the captions that DPT distils (its mix also keeps some captions)
-TOY_SFT_LR=${TOY_SFT_LR:-1e-3}; TOY_TEACHER_LR=${TOY_TEACHER_LR:-5e-4}
+TOY_PT_EPOCHS=${TOY_PT_EPOCHS:-2}; TOY_SFT_EPOCHS=${TOY_SFT_EPOCHS:-28}; TOY_TEACHER_EPOCHS=${TOY_TEACHER_EPOCHS:-2}
+TOY_SFT_LR=${TOY_SFT_LR:-3e-3}; TOY_TEACHER_LR=${TOY_TEACHER_LR:-1e-3}
 TOY_STEPS=${TOY_STEPS:-}; STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}  # TOY_STEPS, TOY_QUICK: the tests
 COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 16 --global_batch_size 32 $COMMON"
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
 EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)  # run again, it goes on where it stopped (delete $OUT to start over)
-setup() { $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}; }  # data, a trained vision tower, text-pretrained LLMs
+setup() { $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}; }  # data, tokenizer, tower, LLMs
 
-teacher() {  # once for every seed: PT -> SFT on more rows than a student ever sees (teacher_sft.json)
+teacher() {  # once for every seed: PT -> SFT on ten times the students' rows (teacher_sft.json)
   stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
   stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
     --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
@@ -161,8 +160,9 @@ evaluate() {  # the question-only prior and the teacher, or one seed's five stud
   fi
 }
 # Every process trains on one thread (OMP_NUM_THREADS=1, torchrun's default), so independent chains run side by side:
-# first the teacher and each seed's baseline; once the teacher is there, each seed's distilled stages; then every eval.
-# Each chain's output goes to $OUT/logs/; a chain that fails stops the recipe and shows its error (or log's end).
+# first the teacher and each seed's stages that need no teacher; once the teacher is there, each seed's distilled
+# stages; then every eval. Each chain's output goes to $OUT/logs/; every 20 s a line says where each
+# chain is. A chain that fails stops the recipe and shows its error (or its log's end).
 descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
 forward() {  # forward SIG: to every stage (it checkpoints its step and stops) and evaluation started here
   local p
@@ -174,11 +174,25 @@ forward() {  # forward SIG: to every stage (it checkpoints its step and stops) a
 }
 signalled=  # a signal to train.sh (kill, scancel --batch, Ctrl-C): passed on, and no chain starts after
 for s in TERM INT HUP QUIT USR1; do trap "signalled=$s; forward $s" "$s"; done
+progress() {  # every PROGRESS_EVERY s: each running chain's stage, step and loss (its log's last progress line)
+  local name line shown; declare -A last
+  while sleep "${PROGRESS_EVERY:-20}" && kill -0 $$ 2>/dev/null; do  # not past train.sh
+    shown=
+    for name in "$@"; do
+      line=$(tail -c 2000 "$OUT/logs/$name.log" 2>/dev/null | tr '\r' '\n' | grep -a "it/s\|s/it" | tail -n 1 |
+        sed -nE 's#^([a-z]+): .* ([0-9]+/[0-9]+) .*[ ,]loss=([^,]+),.*#\1 \2 loss \3#p')
+      [ "$line" != "${last[$name]:-}" ] && shown="$shown${line:+ | $name: $line}"
+      last[$name]=$line
+    done
+    [ -z "$shown" ] || echo "[$(( $(date +%s) - START )) s]${shown# |}"
+  done
+}
 parallel() {  # parallel "function args" ...: each in the background, its output in $OUT/logs/; waits for all
-  local pids=() names=() failed=() i rc
+  local pids=() names=() failed=() i rc monitor
   for job in "$@"; do
     names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${names[-1]}.log" 2>&1 & pids+=($!)
   done
+  progress "${names[@]}" & monitor=$!
   for i in "${!pids[@]}"; do
     while :; do  # a signal ends `wait` early (status > 128): wait again until the chain has ended
       wait "${pids[$i]}" && rc=0 || rc=$?
@@ -191,6 +205,7 @@ parallel() {  # parallel "function args" ...: each in the background, its output
       failed+=("${names[$i]}")
     fi
   done
+  kill "$monitor" 2>/dev/null || true
   for name in "${failed[@]}"; do
     grep -a "^error" "$OUT/logs/$name.log" >&2 || tail -n 20 "$OUT/logs/$name.log" >&2
     echo "error: the toy recipe's $name stages failed; the whole log: $OUT/logs/$name.log" >&2

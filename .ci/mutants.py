@@ -300,8 +300,8 @@ MUTANTS = [
     (
         "toy prior: the least frequent answer",
         "toy.py",
-        "answers[q].most_common(1)[0][0]",
-        "answers[q].most_common()[-1][0]",
+        "best = {q: c.most_common(1)[0][0] for q, c in answers.items()}",
+        "best = {q: c.most_common()[-1][0] for q, c in answers.items()}",
         ["tests/test_toy.py", "tests/test_recipe.py"],
     ),
     # round 3 (issue 44): the lean block's gradients, CUDA's GEMMs, W_s^T W_s once a step
@@ -571,11 +571,39 @@ MUTANTS = [
         ["tests/test_chat.py"],
     ),
     (
-        "generation pads on the right",
+        "toy eval: right whatever follows the answer",
         "toy.py",
-        'tok.padding_side = "left"',
-        'tok.padding_side = "right"',
+        "right += (ok | ~answer | after_end).all(1).tolist()",
+        "right += (ok | ~answer | after_end | is_end).all(1).tolist()",
         ["tests/test_chat.py"],
+    ),
+    (
+        "toy eval: only the label's end token ends the turn",
+        "toy.py",
+        "ok = (predicted == labels) | (is_end & torch.isin(predicted, ends))",
+        "ok = predicted == labels",
+        ["tests/test_chat.py"],
+    ),
+    (
+        "toy data: annotators never wrong",
+        "toy_data.py",
+        "misjudged = rng.random() < NOISE",
+        "misjudged = rng.random() < 0",
+        ["tests/test_toy.py"],
+    ),
+    (
+        "toy data: the test scored against one annotator",
+        "toy_data.py",
+        'rows["test"].append(row("test", f"{i}_{j}", name, [(q, world[kind(o)][k])]))',
+        'rows["test"].append(row("test", f"{i}_{j}", name, [(q, world[kind(seen(rng, o))][k])]))',
+        ["tests/test_toy.py"],
+    ),
+    (
+        "toy data: the student's LLM reads about every kind",
+        "toy_data.py",
+        'student_llm=corpus(rng, world, kinds[: len(kinds) // 3], n["n_text"] // 3),',
+        'student_llm=corpus(rng, world, kinds, n["n_text"] // 3),',
+        ["tests/test_toy.py"],
     ),
     (
         "a later turn's <image> leaves its newline",

@@ -407,3 +407,31 @@ def test_each_process_checks_the_image_files_of_its_share(tmp_path):
     assert len(data.read_samples(path, str(tmp_path), rank=0, world=2)) == 4
     with pytest.raises(UserError, match="sample s3: image file .*gone.png not found"):
         data.read_samples(path, str(tmp_path), rank=1, world=2)
+
+
+@pytest.mark.parametrize("chat_form", [True, False])
+def test_a_data_set_renders_its_first_rows_once_and_gives_the_same_items_every_epoch(
+    toy, ckpts, monkeypatch, chat_form
+):
+    """The tokens of the first CACHED rows asked for are kept: every epoch's items equal those
+    rendered afresh, a reader that changes what it got changes nothing kept, no more rows kept."""
+    _, proc = models.load_llava(ckpts / "student")
+    split = "sft" if chat_form else "pretrain"
+    where = (f"{toy}/data/{split}.json", f"{toy}/data/images", proc, chat_form, 4096)
+    order = (3, 0, 7, 3, 1, 9, 0, 2, 11)
+    monkeypatch.setattr(data, "CACHED", 0)
+    fresh = LlavaDataset(*where)
+    want = {i: fresh[i] for i in order}
+    assert fresh.cached == {}
+    monkeypatch.setattr(data, "CACHED", 5)
+    kept = LlavaDataset(*where)
+    for epoch in range(2):
+        for i in order:
+            got = kept[i]
+            assert torch.equal(got["input_ids"], want[i]["input_ids"]), (epoch, i)
+            assert torch.equal(got["labels"], want[i]["labels"]), (epoch, i)
+    ids, labels = kept.tokens(3)
+    ids.append(-5)
+    labels[0] = -5
+    assert kept.tokens(3) == fresh.tokens(3)
+    assert sorted(kept.cached) == [0, 1, 3, 7, 9]

@@ -5,6 +5,7 @@ import json
 import os
 
 import toy as toy_module
+import toy_data
 
 ROWS = [
     "question-only prior (no image)",
@@ -27,8 +28,8 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
     assert all(row.endswith("| 1 |") for row in lines)  # seeds per row
     assert table.splitlines()[0] in stdout and "wall time" in stdout
     results = [json.loads(line) for line in open(out / "toy" / "results.jsonl")]
-    assert len(results) == 2 + 5  # exact-match counts over the 16 test questions
-    assert all(r["accuracy"] * 16 == round(r["accuracy"] * 16) for r in results)
+    assert len(results) == 2 + 5  # exact-match counts over the 6 test questions (2 images)
+    assert all(r["accuracy"] * 6 == round(r["accuracy"] * 6) for r in results)
     # the distilled stages ran with a teacher, the others without
     for stage, teacher in (
         ("pt", False),
@@ -39,7 +40,7 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
         log = [json.loads(line) for line in open(out / "toy" / "seed1" / stage / "log.jsonl")]
         assert len(log) == 4 and all((r["L_vis"] > 0) == teacher for r in log)
     # the toy setup is TOY_SEED's draw
-    toy_module.make_toy_data(
+    toy_data.make_toy_data(
         str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"}
     )
     for split in ("sft", "test"):

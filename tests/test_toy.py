@@ -1,108 +1,101 @@
-"""toy.py's diagnostics, which the README's account of the toy quotes: the linear probe, `probe`,
-and `draws`."""
+"""toy.py's world, its table and its eval: what the README's account of the toy rests on."""
 
+import collections
 import json
 import random
-import re
 
 import pytest
-import torch
+from PIL import Image
 
-import checkpoints
-import data
-import models
 import toy as toy_module
+import toy_data
 
 
-def test_linear_probe_reads_what_is_linearly_there_and_nothing_else():
-    torch.manual_seed(0)
-    x = torch.randn(3000, 8)
-    x = x[(x[:, 2].abs() > 0.3) & (x[:, 5].abs() > 0.3)][:900]  # a margin between the classes
-    y = (x[:, 2] > 0).long() + 2 * (
-        x[:, 5] > 0
-    ).long()  # four classes, each a quadrant of two features
-    assert toy_module._linear_probe(x, y, 600) > 0.97
-    # labels unrelated to x: held-out accuracy stays near chance (0.25)
-    noise = torch.randint(0, 4, (900,))
-    assert toy_module._linear_probe(x, noise, 600) < 0.4
+def pictures():
+    """{the bytes of a picture: the object drawn}, for every object the toy draws."""
+    objects = [
+        dict(colour=c, shape=s, size=z, place=p)
+        for c in toy_data.COLOURS
+        for s in toy_data.SHAPES
+        for z in toy_data.SIZES
+        for p in toy_data.PLACES
+    ]
+    return {toy_data.draw(o).tobytes(): o for o in objects}
 
 
-def test_probe_scores_every_answer_token_and_every_visual_position(toy, tmp_path):
-    model, proc = models.build_student(f"{toy}/vision", f"{toy}/student_llm")
-    checkpoints.save_checkpoint_files(model, proc, str(tmp_path))
-    report = toy_module.probe(
-        str(tmp_path), f"{toy}/data/sft.json", f"{toy}/data/images", n_scenes=30
-    )
-    ds = data.LlavaDataset(
-        f"{toy}/data/sft.json", f"{toy}/data/images", proc, chat=True, max_length=4096
-    )
-    end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answers = sum(
-        int(((ds[i]["labels"] != data.IGNORE) & (ds[i]["labels"] != end)).sum())
-        for i in range(len(ds))
-    )
-    assert f"answer tokens ({answers})" in report
-    numbers = dict(re.findall(r"(p\(label\)|top-1 = label|colour|shape) (\d\.\d+)", report))
-    assert set(numbers) == {"p(label)", "top-1 = label", "colour", "shape"}
-    assert all(0 <= float(v) <= 1 for v in numbers.values())
-    scenes = [toy_module._toy_scene(random.Random(i)) for i in range(3)]
-    lp, labels, visual = toy_module._answer_and_visual_outputs(
-        model.eval(), proc, f"{toy}/data/sft.json", f"{toy}/data/images", scenes
-    )
-    assert lp.shape == (len(labels), model.config.text_config.vocab_size)
-    # every visual position of every image
-    assert visual.shape[:2] == (
-        3,
-        data.image_seq_length(proc),
-    )
+def test_training_answers_are_one_annotators_and_the_test_asks_for_the_consensus(tmp_path):
+    """A training row's answers are the facts of the kind drawn, or (NOISE of the time) of the kind
+    of the other size; the test asks every question of each image once, with the true facts; the
+    student's LLM reads about a third of the kinds, in a third of the teacher's documents."""
+    sizes = dict(n_pretrain=20, n_sft=800, n_teacher_sft=20, n_test=40, n_text=900)
+    toy_data.make_toy_data(str(tmp_path), 3, **sizes)
+    world = toy_data.make_world(random.Random(3))  # the draw's first
+    drawn = pictures()
+    key_of = dict(toy_data.QUESTIONS)
+
+    def facts(row):
+        o = drawn[Image.open(tmp_path / "images" / row["image"]).convert("RGB").tobytes()]
+        keys = [key_of[c["value"].removeprefix("<image>\n")] for c in row["conversations"][::2]]
+        other = o | {"size": "small" if o["size"] == "big" else "big"}
+        true, misjudged = ([world[toy_data.kind(x)][k] for k in keys] for x in (o, other))
+        return [c["value"] for c in row["conversations"][1::2]], true, misjudged
+
+    noisy = []
+    for row in json.load(open(tmp_path / "sft.json")):
+        if "image" in row:
+            given, true, misjudged = facts(row)
+            assert given in (true, misjudged)
+            if true != misjudged:
+                noisy.append(given == misjudged)
+    assert abs(sum(noisy) / len(noisy) - toy_data.NOISE) < 0.07  # ~700 rows: s.e. 0.017
+    test = json.load(open(tmp_path / "test.json"))
+    assert len(test) == 40 * len(toy_data.QUESTIONS)
+    for row in test:
+        given, true, _ = facts(row)
+        assert given == true
+    asked = collections.Counter((r["image"], r["conversations"][0]["value"]) for r in test)
+    assert set(asked.values()) == {1}
+    text = json.load(open(tmp_path / "text.json"))
+    named = {role: {d["text"].split(" is called")[0] for d in docs} for role, docs in text.items()}
+    assert len(text["teacher_llm"]) == 3 * len(text["student_llm"]) == 900
+    assert len(named["teacher_llm"]) == len(world)  # every kind
+    assert named["student_llm"] < named["teacher_llm"]
+    assert len(named["student_llm"]) == len(world) // 3
 
 
-def test_draws_pairs_each_difference_seed_by_seed_and_pools_the_runs(tmp_path):
-    runs = {
-        "a": {
-            0: (40, 50, 47, 45, 44),
-            1: (42, 41, 50, 51, 52),
-        },  # seed: PT-SFT, DPT-SFT, PT-SFT-DFT, KD, control
-        "b": {5: (30, 33, 35, 40, 36)},
-    }
-    rows = (
-        "student PT-SFT",
-        "student DPT-SFT",
-        "student PT-SFT-DFT",
-        toy_module.KD,
-        toy_module.CONTROL,
-    )
-    paths = []
-    for run, seeds in runs.items():
-        (tmp_path / run).mkdir()
-        lines = [{"row": "teacher PT-SFT", "seed": 0, "accuracy": 0.7}]
-        lines += [
-            {"row": r, "seed": s, "accuracy": v / 100}
-            for s, acc in seeds.items()
-            for r, v in zip(rows, acc)
-        ]
-        paths.append(str(tmp_path / run / "results.jsonl"))
-        with open(paths[-1], "w") as f:
-            f.write("".join(json.dumps(rec) + "\n" for rec in lines))
-    report = toy_module.draws(paths, str(tmp_path / "report.md"))
-    assert (tmp_path / "report.md").read_text() == report + "\n"
-    assert f"| {tmp_path / 'a'} | 70.0 | 41.0 | 45.5 | 48.5 | 48.0 | 48.0 |" in report
-    kd = report.split("minus")[1]  # LLaVA-KD minus the control: a: +1.0, -1.0; b: +4.0
-    assert "+1.0, -1.0 (mean +0.0)" in kd and "+4.0 (mean +4.0)" in kd
-    # all three seeds: mean 4/3, sd of (1, -1, 4) 2.5; the runs' means 0 and 4: sd 2.8, standard
-    # error 2.0
+def results(path, seeds, rows=None):
+    """A results.jsonl: {seed: accuracies in %, in `rows`' order}."""
+    rows = rows or (toy_module.CONTROL, toy_module.KD, "student PT-SFT", "student DPT-SFT")
+    lines = [{"row": "teacher PT-SFT", "seed": 0, "accuracy": 0.9}]
+    lines += [
+        {"row": r, "seed": s, "accuracy": v / 100}
+        for s, acc in seeds.items()
+        for r, v in zip(rows, acc)
+    ]
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+def test_the_table_pairs_each_difference_by_seed_and_pools_the_seeds_of_several_runs(tmp_path):
+    a = results(tmp_path / "a" / "results.jsonl", {0: (40, 45, 30, 31), 1: (50, 51, 33, 30)})
+    b = results(tmp_path / "b" / "results.jsonl", {0: (30, 39, 20, 24)})
+    text = toy_module.table([a], str(tmp_path / "t.md"))
+    assert (tmp_path / "t.md").read_text() == text + "\n"
+    # LLaVA-KD - control: +5, +1: mean +3.0, sd 2.83, s.e. 2.0; DPT-SFT - PT-SFT: +1, -3
+    assert "| DPT-SFT-DFT (LLaVA-KD) - PT-SFT-SFT (no teacher) | +3.0 ± 2.0 | +5.0 +1.0 |" in text
+    assert "| DPT-SFT - PT-SFT | -1.0 ± 2.0 | +1.0 -3.0 |" in text
+    assert "PT-SFT-DFT - " not in text  # no such row in these runs
+    assert "| student PT-SFT-SFT (no teacher) | 45.0 ± 7.1 | 2 |" in text
+    assert "| teacher PT-SFT | 90.0 ± 0.0 | 1 |" in text
+    both = toy_module.table([a, b], str(tmp_path / "t.md"), seconds=125)
+    # seed 0 of each run is a seed of its own: +5, +1, +9
     assert (
-        "all 3 seeds: mean +1.3, sd 2.5, above 0 in 2 of 3; the 2 runs' means: sd 2.8, standard "
-        "error of their mean 2.0" in kd
+        "| DPT-SFT-DFT (LLaVA-KD) - PT-SFT-SFT (no teacher) | +5.0 ± 2.3 | +5.0 +1.0 +9.0 |" in both
     )
-    dpt = report.split("DPT-SFT minus PT-SFT")[1]
-    assert "+10.0, -1.0 (mean +4.5)" in dpt and "+3.0 (mean +3.0)" in dpt
-    with open(tmp_path / "teacher.jsonl", "w") as f:
-        f.write(json.dumps({"row": "teacher PT-SFT", "seed": 0, "accuracy": 0.7}) + "\n")
-    with pytest.raises(SystemExit, match="teacher.jsonl has no rows"):
-        toy_module.draws([str(tmp_path / "teacher.jsonl")])
+    assert "| teacher PT-SFT | 90.0 ± 0.0 | 2 |" in both and both.endswith("wall time 2 min 5 s")
     with pytest.raises(SystemExit, match="no results file .*nowhere.jsonl"):
-        toy_module.draws([str(tmp_path / "nowhere.jsonl")])
+        toy_module.table([str(tmp_path / "nowhere.jsonl")], str(tmp_path / "t.md"))
 
 
 def test_the_question_only_prior_is_the_most_frequent_answer_to_the_same_question(tmp_path):

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,10 @@ if stage:  # a stage: stops on a signal, as one does; its handlers are up before
     for s in {signals}:
         signal.signal(s, stop)
 record(event="start", pid=os.getpid(), argv=argv)
-if stage:
+if stage:  # tqdm's progress line, as a stage writes it
+    name = argv[argv.index("--stage") + 1]
+    print(f"{{name}}:  50%|##  | 1/2 [00:01<00:01,  1.00it/s, loss=0.5, L_reg=0.5]\\r", end="",
+          file=sys.stderr, flush=True)
     time.sleep(float(os.environ["STANDIN_SECONDS"]))
 """
 
@@ -210,3 +214,20 @@ def test_a_second_recipe_on_one_out_is_refused_at_once_and_the_first_goes_on(sta
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
+
+
+def test_the_toy_recipe_says_where_each_running_chain_is(standin):
+    """Every PROGRESS_EVERY seconds a line: each chain whose progress moved, its stage, step and
+    loss (from the stage's progress line in the chain's log)."""
+    env, record = standin
+    proc = start(env, SEEDS="1", STANDIN_SECONDS="30", PROGRESS_EVERY="1")
+    try:
+        running_stages(record, 3, proc)
+        deadline = time.time() + 30
+        line = ""
+        while "teacher:" not in line and time.time() < deadline:
+            line = proc.stdout.readline()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert re.fullmatch(r"\[\d+ s\] teacher: pt 1/2 loss 0.5 \| baseline1: pt 1/2 loss 0.5\n", line)
