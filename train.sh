@@ -128,7 +128,7 @@ EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)  # run again, it goes on where it stopped (delete $OUT to start over)
 setup() { $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}; }  # data, tokenizer, tower, LLMs
 
-teacher() {  # once for every seed: PT -> SFT on ten times the students' rows (teacher_sft.json)
+teacher() {  # once for every seed: PT -> SFT on 12x the students' rows (teacher_sft.json)
   stage pt  $PT  --vision $T/vision --llm $T/teacher_llm --out $OUT/teacher-pt
   stage sft $SFT --init $OUT/teacher-pt --out $OUT/teacher-pt-sft --data $T/data/teacher_sft.json \
     --epochs $TOY_TEACHER_EPOCHS --lr $TOY_TEACHER_LR
