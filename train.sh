@@ -81,7 +81,7 @@ stage() {  # stage NAME FLAGS...: one stage through torchrun, under FSDP2 or DDP
   trap - TERM INT HUP QUIT USR1
   wait "$shown" || true
   if [ "$rc" != 0 ]; then  # the stage's own error line, last
-    local error=$(tail -c "+$from" "$log" | grep -a "^error" | tail -n 1)
+    local error=$(tail -c "+$from" "$log" | tr '\r' '\n' | grep -a "^error" | tail -n 1)  # after tqdm's \r
     echo "error: stage $1 --out $out${error:+: ${error#error*: }} (exit $rc; whole output: $log)" >&2
   fi
   return "$rc"
@@ -180,7 +180,7 @@ progress() {  # every PROGRESS_EVERY s: each running chain's stage, step and los
     shown=
     for name in "$@"; do
       line=$(tail -c 2000 "$OUT/logs/$name.log" 2>/dev/null | tr '\r' '\n' | grep -a "it/s\|s/it" | tail -n 1 |
-        sed -nE 's#^([a-z]+): .* ([0-9]+/[0-9]+) .*[ ,]loss=([^,]+),.*#\1 \2 loss \3#p')
+        sed -nE 's#^([a-z]+): .* ([0-9]+/[0-9]+) .*[ ,]loss=([^,]+),.*#\1 \2 loss \3#p' || true)
       [ "$line" != "${last[$name]:-}" ] && shown="$shown${line:+ | $name: $line}"
       last[$name]=$line
     done
@@ -207,7 +207,7 @@ parallel() {  # parallel "function args" ...: each in the background, its output
   done
   kill "$monitor" 2>/dev/null || true
   for name in "${failed[@]}"; do
-    grep -a "^error" "$OUT/logs/$name.log" >&2 || tail -n 20 "$OUT/logs/$name.log" >&2
+    tr '\r' '\n' < "$OUT/logs/$name.log" | grep -a "^error" >&2 || tail -n 20 "$OUT/logs/$name.log" >&2
     echo "error: the toy recipe's $name stages failed; the whole log: $OUT/logs/$name.log" >&2
   done
   [ ${#failed[@]} = 0 ] || exit 1

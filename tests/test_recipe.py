@@ -23,7 +23,9 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
     assert proc.wait(timeout=900) == 0, output.read_text()[-3000:]
     stdout = output.read_text()
     table = (out / "toy" / "table.md").read_text()
-    lines = [row for row in table.splitlines() if row.startswith("| ") and "---" not in row][1:]
+    differences, rows = table.split("\n\n")[:2]
+    assert len(differences.splitlines()) == 2 + 3  # the three paired differences, one seed each
+    lines = [row for row in rows.splitlines() if row.startswith("| ") and "---" not in row][1:]
     assert [row.split(" | ")[0][2:] for row in lines] == ROWS
     assert all(row.endswith("| 1 |") for row in lines)  # seeds per row
     assert table.splitlines()[0] in stdout and "wall time" in stdout

@@ -36,8 +36,9 @@ if stage:  # a stage: stops on a signal, as one does; its handlers are up before
     for s in {signals}:
         signal.signal(s, stop)
 record(event="start", pid=os.getpid(), argv=argv)
-if stage:  # tqdm's progress line, as a stage writes it
+if stage:  # tqdm's progress line, as a stage writes it, once it has loaded
     name = argv[argv.index("--stage") + 1]
+    time.sleep(1.5)
     print(f"{{name}}:  50%|##  | 1/2 [00:01<00:01,  1.00it/s, loss=0.5, L_reg=0.5]\\r", end="",
           file=sys.stderr, flush=True)
     time.sleep(float(os.environ["STANDIN_SECONDS"]))
