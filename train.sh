@@ -176,7 +176,8 @@ signalled=  # a signal to train.sh (kill, scancel --batch, Ctrl-C): passed on, a
 for s in TERM INT HUP QUIT USR1; do trap "signalled=$s; forward $s" "$s"; done
 progress() {  # every PROGRESS_EVERY s: each running chain's stage, step and loss (its log's last progress line)
   local name line shown; declare -A last
-  while sleep "${PROGRESS_EVERY:-20}" && kill -0 $$ 2>/dev/null; do  # not past train.sh
+  # its sleep holds no output nor OUT's lock: killed, the monitor leaves it to end alone
+  while sleep "${PROGRESS_EVERY:-20}" > /dev/null 2>&1 9>&- && kill -0 $$ 2>/dev/null; do
     shown=
     for name in "$@"; do
       line=$(tail -c 2000 "$OUT/logs/$name.log" 2>/dev/null | tr '\r' '\n' | grep -a "it/s\|s/it" | tail -n 1 |
@@ -192,7 +193,7 @@ parallel() {  # parallel "function args" ...: each in the background, its output
   for job in "$@"; do
     names+=("${job// /}"); (set -e; export OMP_NUM_THREADS=1; $job) > "$OUT/logs/${names[-1]}.log" 2>&1 & pids+=($!)
   done
-  progress "${names[@]}" & monitor=$!
+  progress "${names[@]}" 9>&- & monitor=$!
   for i in "${!pids[@]}"; do
     while :; do  # a signal ends `wait` early (status > 128): wait again until the chain has ended
       wait "${pids[$i]}" && rc=0 || rc=$?

@@ -42,6 +42,7 @@ if stage:  # tqdm's progress line, as a stage writes it, once it has loaded
     print(f"{{name}}:  50%|##  | 1/2 [00:01<00:01,  1.00it/s, loss=0.5, L_reg=0.5]\\r", end="",
           file=sys.stderr, flush=True)
     time.sleep(float(os.environ["STANDIN_SECONDS"]))
+    sys.exit(int(os.environ.get("STANDIN_EXIT", 0)))
 """
 
 
@@ -232,3 +233,14 @@ def test_the_toy_recipe_says_where_each_running_chain_is(standin):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert re.fullmatch(r"\[\d+ s\] teacher: pt 1/2 loss 0.5 \| baseline1: pt 1/2 loss 0.5\n", line)
+
+
+def test_a_failed_recipe_leaves_nothing_that_holds_its_out(standin):
+    """A chain fails, train.sh ends: the same command at once is not refused for a lock that a
+    process of the first still holds (the progress line's sleep, say)."""
+    env, _ = standin
+    for run in range(2):
+        proc = start(env, SEEDS="1", STANDIN_SECONDS="0", STANDIN_EXIT="1", PROGRESS_EVERY="60")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "in use by another train.sh" not in err, (run, err)
+        assert "error: the toy recipe's teacher stages failed" in err, err
