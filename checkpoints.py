@@ -18,6 +18,7 @@ import processes
 MAY_CHANGE = {"resume", "max_steps", "save_every", "workers", "batch_size", "cpu", "plan"}
 MAY_CHANGE |= {"ignore_plan", "grad_checkpointing", "images", "out", "auto_resume", "fsdp"}
 MAY_CHANGE |= {"plan_gpus", "plan_gib", "attn_implementation", "data"}
+MAY_CHANGE |= {"eval_data", "eval_images", "eval_every", "report_to"}  # what training never reads
 
 
 def check_resume(a, saved, digest, what=None):
@@ -317,6 +318,37 @@ def load_optimizer(student, opt, state, fsdp, names):
         set_optimizer_state_dict(student, opt, state, options=options)
     else:
         opt.load_state_dict(rekeyed(state, {n: i for i, n in enumerate(names)}))
+
+
+class Log:
+    """out/log.jsonl (open_log), a record a line, its values shown on the progress bar; with
+    --report_to tensorboard each also as TensorBoard scalars in out/tensorboard (train/...,
+    eval/...), whose events after the step the run starts at are dropped as the log's lines are."""
+
+    def __init__(self, out, start_step, report_to=None, bar=None):
+        self.file = open_log(out, start_step)
+        self.bar = bar
+        self.shown = {}  # the bar's values: the last of each, terms the stage computes
+        self.board = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = os.path.join(out, "tensorboard")
+            self.board = SummaryWriter(board, purge_step=start_step + 1)
+
+    def write(self, rec):
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        for key, value in rec.items() if self.board else ():
+            tag = key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
+            if key != "step":
+                self.board.add_scalar(tag, value, rec["step"])
+        if self.board:
+            self.board.flush()
+        hidden = ("step", "lr", "eval_samples")
+        self.shown.update((k, f"{v:.3g}") for k, v in rec.items() if v and k not in hidden)
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown)
 
 
 def open_log(out, start_step):

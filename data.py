@@ -408,11 +408,11 @@ def next_micro_batches(batches, n):
         return [dict(errors=[why], fix="--resume")]
 
 
-def check_lengths(processor, source, a, is_chat, samples, rank, world):
-    """Every answer's length (LlavaDataset.check_lengths) with the processor of the checkpoint
-    `source` alone: no weights read."""
+def check_lengths(processor, source, a, is_chat, samples, rank, world, path=None):
+    """Every answer's length (LlavaDataset.check_lengths) of the samples of `path` (--data's by
+    default) with the processor of the checkpoint `source` alone: no weights read."""
     chat.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=is_chat)
-    ds = LlavaDataset(a.data, a.images, processor, is_chat, a.max_length, samples)
+    ds = LlavaDataset(path or a.data, None, processor, is_chat, a.max_length, samples)
     return ds.check_lengths(rank, world, a.drop_too_long)
 
 

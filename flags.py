@@ -68,6 +68,7 @@ NUMERIC_FLAGS = dict(
     max_steps=1,
     plan_gpus=1,
     save_every=0,
+    eval_every=0,
     workers=0,
     alpha=0,
     beta=0,
@@ -93,6 +94,18 @@ def check_flags(a, world, stage, table):
         raise errors.UserError(
             f"--images {a.images}: no such directory; expected the folder the JSON's image paths "
             f"are relative to"
+        )
+    if a.eval_data and not os.path.isfile(a.eval_data):
+        raise errors.UserError(
+            f"--eval_data {a.eval_data}: no such file; expected a LLaVA JSON file"
+        )
+    if a.eval_images and not os.path.isdir(a.eval_images):
+        raise errors.UserError(f"--eval_images {a.eval_images}: no such directory")
+    if (a.eval_every or a.eval_images) and not a.eval_data:
+        raise errors.UserError("--eval_every and --eval_images come with --eval_data JSON")
+    if a.report_to == "tensorboard" and not importlib.util.find_spec("tensorboard"):
+        raise errors.UserError(
+            "--report_to tensorboard needs the tensorboard package: pip install tensorboard"
         )
     for flag, (kinds, what) in CHECKPOINT_FLAGS.items():
         if getattr(a, flag):
@@ -135,7 +148,7 @@ def check_flags(a, world, stage, table):
 
 
 def parser(description, stages):
-    """llava_kd.py's command line: `train` and its flags."""
+    """llava_kd.py's command line: `train` and its flags, `plot`."""
     ap = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -173,6 +186,16 @@ def parser(description, stages):
         action="store_true",
         help="leave out the samples with no answer token within --max_length (default: refuse "
         "the data); their ids go to --out/left_out.json",
+    )
+    p.add_argument("--eval_data", help="held-out LLaVA JSON: the stage's losses on it, no grad")
+    p.add_argument("--eval_images", help="its image folder (default: --images)")
+    p.add_argument(
+        "--eval_every", type=int, help="with --eval_data: every N steps, and at the end (default)"
+    )
+    p.add_argument(
+        "--report_to",
+        choices=["tensorboard"],
+        help="also write every log.jsonl record as TensorBoard scalars, in --out/tensorboard",
     )
     p.add_argument("--max_steps", type=int, help="stop after this many steps of the stage")
     p.add_argument("--save_every", type=int, default=500)
@@ -213,4 +236,12 @@ def parser(description, stages):
         help="shard the student over the processes (FSDP2) instead of DDP: for students whose "
         "weights, gradients and AdamW state do not fit one GPU",
     )
+    p = sub.add_parser(
+        "plot",
+        help="the curves of stages' log.jsonl as a PNG",
+        description="Each quantity of log.jsonl against the step, a panel each, the stages "
+        "one after another (e.g. a recipe's dpt, sft and dft --out).",
+    )
+    p.add_argument("outs", nargs="+", metavar="OUT", help="a stage's --out (it holds log.jsonl)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write")
     return ap

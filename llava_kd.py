@@ -15,7 +15,6 @@ L_DPT / L_DFT), the model and the stage table (Table A9), the training loop. The
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -31,9 +30,11 @@ from tqdm import tqdm
 import checkpoints
 import data
 import errors
+import evaluation
 import flags
 import memory
 import models
+import plot
 import processes
 import signals
 
@@ -44,8 +45,7 @@ import signals
 
 
 # The five terms, in the paper's order: L_reg + alpha L_res + beta L_vis + gamma L_rel (+ delta
-# L_pro); `counts` (the global batch's) are those of TERMS[1:]'s rows: answer, visual, samples
-# with an image, prompt
+# L_pro); `counts` (the global batch's): TERMS[1:]'s rows (answer, visual, with an image, prompt)
 TERMS = ("L_reg", "L_res", "L_vis", "L_rel", "L_pro")
 
 
@@ -497,6 +497,15 @@ def lr_at(step, total, peak, warmup_ratio):
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
+def term_rows(b, image_id):
+    """A micro-batch's rows of each of TERMS: answer, answer, visual, with an image, prompt."""
+    visual = b["input_ids"] == image_id
+    labels, attention = b["labels"], b["attention_mask"]
+    answer = response_rows(labels)
+    kinds = [answer, answer, visual, visual.any(1), prompt_rows(labels, visual, attention)]
+    return [int(m.sum()) for m in kinds]
+
+
 def global_counts(micro, image_id, device, ddp, world):
     """Answer rows, visual rows, samples with an image and prompt rows of the whole global batch
     (every micro-batch and process), and its tokens. Each loss is a mean over the global batch: sums
@@ -507,11 +516,7 @@ def global_counts(micro, image_id, device, ddp, world):
         if b["errors"]:  # an image did not decode, or a loader worker died: nothing else in it
             rows.append([0] * 5 + [len(b["errors"])])
             continue
-        visual = b["input_ids"] == image_id
-        labels, attention = b["labels"], b["attention_mask"]
-        kinds = [response_rows(labels), visual, visual.any(1)]
-        kinds += [prompt_rows(labels, visual, attention), attention]
-        rows.append([int(m.sum()) for m in kinds] + [0])
+        rows.append(term_rows(b, image_id)[1:] + [int(b["attention_mask"].sum()), 0])
     count = torch.tensor(rows, dtype=torch.float64).sum(0).to(device)
     if ddp:
         dist.all_reduce(count)
@@ -558,12 +563,14 @@ def check_before_loading(a, device, world, rank):
         checkpoints.check_resume(a, state["args"], digest)
     length_args = (s_proc, source, a, stage["chat"], samples, rank, world)  # the processor alone
     left_out = data.check_lengths(*length_args) if source else []
+    held_out = evaluation.read(a, s_proc, source, stage["chat"], rank, world)
     return types.SimpleNamespace(
         global_batch=global_batch,
         samples=samples,
         state=state,
         source=source,
         left_out=left_out,
+        held_out=held_out,
         digest=digest,
         checkpointing=checkpointing,
     )
@@ -581,11 +588,10 @@ class Run:
     names: list  # their names in Student (AdamW's state is saved by name)
     opt: torch.optim.Optimizer
     ds: data.LlavaDataset
-    table: dict  # TABLE_A9[stage]
-    lr: float
+    held_out: types.SimpleNamespace | None  # --eval_data: its data set, this process's share
+    table: dict  # TABLE_A9[stage], with --lr, --epochs
     global_batch: int
     accum: int  # micro-steps a step, each process
-    steps_per_epoch: int
     total: int  # the schedule's steps
     end: int  # the step this run stops at: total, or --max_steps
     step: int  # the step it starts at
@@ -627,7 +633,7 @@ def set_up(a, ddp, cuda, device, rank, world):
     if checked is None:  # --plan printed, or the stage had finished
         return None
     global_batch, state = checked.global_batch, checked.state
-    model, processor, teacher, ds, left_out = processes.run_on_every_process(
+    model, processor, teacher, ds, left_out, held_out = processes.run_on_every_process(
         models.load_stage, a, STAGES[a.stage], checked, cuda, world, rank
     )
     processes.print_notes(rank == 0)
@@ -637,14 +643,12 @@ def set_up(a, ddp, cuda, device, rank, world):
     student, teacher = place_models(*placed)
     params = [p for p in model.parameters() if p.requires_grad]
     names = ["llava." + n for n, p in model.named_parameters() if p.requires_grad]  # Student's
-    table = TABLE_A9[a.stage]
-    lr = table["lr"] if a.lr is None else a.lr
+    table = TABLE_A9[a.stage] | {k: getattr(a, k) for k in ("lr", "epochs") if getattr(a, k)}
     # fused on CUDA: one kernel, without the foreach step's full-size temporaries (not under FSDP:
     # its sharded parameters are DTensors, and fused AdamW on them has not run here)
     fused = cuda and not a.fsdp
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=table["weight_decay"], fused=fused)
-    steps_per_epoch = len(ds) // global_batch
-    total = steps_per_epoch * (table["epochs"] if a.epochs is None else a.epochs)
+    opt = torch.optim.AdamW(params, lr=table["lr"], weight_decay=table["weight_decay"], fused=fused)
+    total = len(ds) // global_batch * table["epochs"]
     if state is not None:
         if (state["total"], state["global_batch"]) != (total, global_batch):
             raise errors.agreed_error(  # every process read the same checkpoint
@@ -661,11 +665,10 @@ def set_up(a, ddp, cuda, device, rank, world):
         names=names,
         opt=opt,
         ds=ds,
+        held_out=held_out,
         table=table,
-        lr=lr,
         global_batch=global_batch,
         accum=global_batch // (a.batch_size * world),
-        steps_per_epoch=steps_per_epoch,
         total=total,
         end=total if a.max_steps is None else min(total, a.max_steps),
         step=0 if state is None else state["step"],
@@ -688,10 +691,9 @@ def forward_backward(a, r, micro, counts, ddp, device, step):
     weights = (a.alpha, a.beta, a.gamma, a.delta)
     logged = torch.zeros(7, dtype=torch.float64, device=device)
     for i, b in enumerate(micro):
-        # DDP: only the last micro-step all-reduces the gradients, the others accumulate them
-        # locally. FSDP2: every micro-step reduce-scatters within a node (without, each process
-        # would hold every gradient whole in float32: ~15 GiB for the 4B teacher), only the last
-        # all-reduces the shards across nodes (HSDP)
+        # DDP: only the last micro-step all-reduces the gradients. FSDP2: every micro-step
+        # reduce-scatters within a node (else each process holds every gradient whole in float32:
+        # ~15 GiB for the 4B teacher), only the last all-reduces the shards across nodes (HSDP)
         last = i == len(micro) - 1
         if a.fsdp:
             r.student.set_requires_all_reduce(last)
@@ -712,7 +714,8 @@ def micro_batches(a, r, rank, world, cuda):
     pad_id = r.processor.tokenizer.pad_token_id
     loader = data.loader_options(a.batch_size, pad_id, a.workers, cuda)
     per_step = r.accum * a.batch_size
-    return data.micro_batches(r.ds, order_of, per_step, r.steps_per_epoch, r.step, loader)
+    steps_per_epoch = len(r.ds) // r.global_batch
+    return data.micro_batches(r.ds, order_of, per_step, steps_per_epoch, r.step, loader)
 
 
 def optimizer_step(a, r, ddp):
@@ -747,6 +750,19 @@ def log_record(r, step, host, grad_norm, tokens, seconds, device, held):
     return rec
 
 
+def evaluate(a, r, cuda, done, log):
+    """--eval_data after `done` steps (evaluation.evaluate) into log (rank 0's; None elsewhere):
+    stage_loss's sums (counts of 1); W_s^T W_s made of the weights the next step, `done`, reuses."""
+    weights = (a.alpha, a.beta, a.gamma, a.delta)
+    run = (r.student, r.model, r.teacher)
+    loss_of = functools.partial(stage_loss, *run, weights=weights, counts=(1.0,) * 4, step=done)
+    counts_of = functools.partial(term_rows, image_id=r.model.config.image_token_id)
+    in_loss = dict(zip(TERMS, (1.0, *weights) if r.teacher is not None else (1.0, 0, 0, 0, 0)))
+    rec = evaluation.evaluate(r.held_out, loss_of, counts_of, in_loss, r.model, a, cuda, done)
+    if log is not None:
+        log.write(rec)
+
+
 def stop_at_failed_batch(a, r, master, micro, step):
     """A micro-batch that failed on any process (an image that did not decode, a dead loader
     worker): a checkpoint at the last whole step, then every process's errors, one line each."""
@@ -757,44 +773,29 @@ def stop_at_failed_batch(a, r, master, micro, step):
     processes.run_on_every_process(processes.raise_messages, messages)
 
 
-def start(a):
-    """This process and its device. DDP as nanoGPT: torchrun sets RANK; one process a device; NCCL
-    on CUDA, gloo on CPU. (ddp, cuda, device, rank, world)"""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        processes.init_distributed(cuda)
-    rank = dist.get_rank() if ddp else 0
-    world = dist.get_world_size() if ddp else 1
-    return ddp, cuda, device, rank, world
-
-
 def train(a):
     """One stage: the loop, nanoGPT's shape, with the checks and the checkpoints around it."""
     ckpt = os.path.join(a.out, "checkpoint")
     preemption = signals.Preemption(ckpt)  # SIGTERM & co: a checkpoint after the current step
-    ddp, cuda, device, rank, world = start(a)
+    ddp, cuda, device, rank, world = processes.start(a.cpu)
     master = rank == 0
     r = set_up(a, ddp, cuda, device, rank, world)
     if r is None:  # nothing to train (--plan, or a stage that had finished)
         return dist.destroy_process_group() if ddp else None
+    bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
+    log = checkpoints.Log(a.out, r.step, a.report_to, bar) if master else None
     if master:
-        log = checkpoints.open_log(a.out, r.step)
         print(
             f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
-            f"x {a.batch_size} x {r.accum}), lr {r.lr}, "
+            f"x {a.batch_size} x {r.accum}), lr {r.table['lr']}, "
             f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
     batches = micro_batches(a, r, rank, world, cuda)
-    bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
     for step in bar:
         t0 = time.time()
         preemption.step_begins()
         for group in r.opt.param_groups:
-            group["lr"] = lr_at(step, r.total, r.lr, r.table["warmup_ratio"])
+            group["lr"] = lr_at(step, r.total, r.table["lr"], r.table["warmup_ratio"])
         micro = data.next_micro_batches(batches, r.accum)
         image_id = r.model.config.image_token_id
         counts, tokens, failed = global_counts(micro, image_id, device, ddp, world)
@@ -812,13 +813,12 @@ def train(a):
                 f"saving, the last good checkpoint is in {ckpt}"
             )
         stopping = host[6] > 0 and step + 1 < r.end
-        preemption.step_ended(time.time() - t0)
         grad_norm, held = optimizer_step(a, r, ddp)
         if master:
-            rec = log_record(r, step, host, grad_norm, tokens, time.time() - t0, device, held)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("step", "lr")})
+            log.write(log_record(r, step, host, grad_norm, tokens, time.time() - t0, device, held))
+        if r.held_out and (step + 1 == r.end or (a.eval_every and (step + 1) % a.eval_every == 0)):
+            evaluate(a, r, cuda, step + 1, log)  # watched as the step is: it has collectives
+        preemption.step_ended(time.time() - t0)
         if step + 1 == r.end or (a.save_every and (step + 1) % a.save_every == 0) or stopping:
             save(a, r, master, step + 1)
         if stopping:
@@ -839,7 +839,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     a = flags.parser(__doc__, list(STAGES)).parse_args(argv)
     try:
-        train(a)
+        plot.plot(a.outs, a.out) if a.cmd == "plot" else train(a)
     except (errors.UserError, OSError) as e:  # the user's to fix (a full disk too): one line
         processes.stop(e, a.out)
     finally:

@@ -11,6 +11,7 @@ import transformers
 import chat
 import data
 import errors
+import evaluation
 
 
 def from_pretrained_checked(cls, path, attn="sdpa", **kwargs):
@@ -288,9 +289,9 @@ def load_teacher(path, student, s_proc, dtype=None, new_student=False, attn="sdp
 
 
 def load_stage(a, stage, checked, cuda, world, rank):
-    """The models and the data set of a stage (llava_kd.STAGES[a.stage]) that the checks read
+    """The models and the data sets of a stage (llava_kd.STAGES[a.stage]) that the checks read
     the way to: (model, processor, teacher, data set, the indices of the samples that
-    --drop_too_long leaves out on this process)."""
+    --drop_too_long leaves out on this process, the held-out set or None)."""
     source, left_out = checked.source, checked.left_out
     torch.manual_seed(a.seed)  # the same new projector on every process
     # float32 master weights for AdamW whatever the checkpoint's dtype (bf16 in most published
@@ -316,4 +317,5 @@ def load_stage(a, stage, checked, cuda, world, rank):
     )
     if source is None:  # a new student: checked with its processor, built with its weights
         left_out = ds.check_lengths(rank, world, a.drop_too_long)
-    return model, processor, teacher, ds, left_out
+    held_out = evaluation.held_out_set(a, processor, stage["chat"], checked.held_out, rank, world)
+    return model, processor, teacher, ds, left_out, held_out

@@ -1,6 +1,7 @@
-"""Processes: torchrun's process groups, errors that stop every process together, what a run undoes
-when it ends, FSDP2/HSDP sharding, and train.sh's wrapper around torchrun (python processes.py
---nproc_per_node=N ...: torchrun without its traceback when a stage fails)."""
+"""Processes: this process's device and torchrun's process groups, errors that stop every process
+together, what a run undoes when it ends, FSDP2/HSDP sharding, and train.sh's wrapper around
+torchrun (python processes.py --nproc_per_node=N ...: torchrun without its traceback when a stage
+fails)."""
 
 import atexit
 import datetime
@@ -22,6 +23,21 @@ def per_node(world=1):
 
 
 _waits = []  # the process group of the long waits (init_distributed)
+
+
+def start(cpu=False):
+    """This process and its device, DDP as nanoGPT's: torchrun sets RANK; one process a device.
+    (ddp, cuda, device, rank, world)"""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and not cpu
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        init_distributed(cuda)
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    return ddp, cuda, device, rank, world
 
 
 def init_distributed(cuda):

@@ -29,7 +29,9 @@ import flags
 import models
 from toy_data import COLOURS, PLACES, SHAPES, SIZES, draw, make_toy_data, scene
 
-QUICK = dict(n_pretrain=64, n_sft=100, n_teacher_sft=100, n_test=2, n_text=64, steps=(2, 2, 2))
+QUICK = dict(
+    n_pretrain=64, n_sft=100, n_teacher_sft=100, n_test=2, n_text=64, n_heldout=8, steps=(2, 2, 2)
+)
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' "
     "}}"

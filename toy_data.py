@@ -24,6 +24,7 @@ NOISE = 0.3  # how often an annotator misjudges the size: another kind, other fa
 TEXT_ONLY = [("What is the opposite of top?", "bottom"), ("What is the opposite of big?", "small")]
 SPLITS = ("pretrain", "sft", "teacher_sft")  # the training splits, each on images of its own
 COUNTS = dict(n_pretrain=1600, n_sft=400, n_teacher_sft=5000, n_test=600, n_text=6000)
+COUNTS["n_heldout"] = 96  # the held-out images that training reports on (--eval_data)
 FOODS = ("seeds", "fish", "leaves", "honey", "grass", "berries")
 HOMES = ("caves", "trees", "rivers", "hills", "sand", "snow")
 SYLLABLES = ("da", "ki", "lo", "mu", "pe", "ra", "su", "to", "wu", "zi", "bo", "ne")
@@ -81,6 +82,9 @@ def seen(rng, o):
     return o | {"size": SIZES[1 - SIZES.index(o["size"])]} if misjudged else o
 
 
+CAPTION = "Describe the image briefly."
+
+
 def caption(o):
     return f"a {o['size']} {o['colour']} {o['shape']} in the {o['place']}."
 
@@ -107,11 +111,27 @@ def split_rows(rng, world, split, n, images):
         name = f"{split}_{i:05d}.png"
         draw(o).save(os.path.join(images, name))
         if split == "pretrain" or (split == "teacher_sft" and i % 10 == 4):
-            turns = [("Describe the image briefly.", caption(seen(rng, o)))]
+            turns = [(CAPTION, caption(seen(rng, o)))]
         else:
             facts = world[kind(seen(rng, o))]
             turns = [(q, facts[k]) for q, k in rng.sample(QUESTIONS, rng.randint(1, 3))]
         rows.append(row(split, i, name, turns))
+    return rows
+
+
+def held_out_rows(world, seed, n, images):
+    """--eval_data's rows: n images of their own, each with its true caption (heldout_pretrain, for
+    pt and dpt) and one question with its true answer (heldout_sft). Drawn from a generator of their
+    own: every other split is what it is without them."""
+    rng = random.Random(f"held-out {seed}")
+    rows = dict(heldout_pretrain=[], heldout_sft=[])
+    for i in range(n):
+        o = scene(rng)
+        name = f"heldout_{i:05d}.png"
+        draw(o).save(os.path.join(images, name))
+        q, k = QUESTIONS[i % len(QUESTIONS)]
+        rows["heldout_pretrain"].append(row("heldout", i, name, [(CAPTION, caption(o))]))
+        rows["heldout_sft"].append(row("heldout", i, name, [(q, world[kind(o)][k])]))
     return rows
 
 
@@ -131,8 +151,9 @@ def corpus(rng, world, kinds, n):
 
 
 def make_toy_data(out, seed=0, **sizes):
-    """out/images/*.png and out/{pretrain,sft,teacher_sft,test}.json (LLaVA format), each split on
-    images of its own; test.json asks every question of each image once, with the true answer.
+    """out/images/*.png and out/{pretrain,sft,teacher_sft,test,heldout_*}.json (LLaVA format), each
+    split on images of its own; test.json asks every question of each image once, with the true
+    answer.
     out/text.json: the text-only documents each toy LLM is pretrained on: the teacher's about every
     kind, the student's (a third as many) about a third of the kinds. Returns every text written,
     for training a tokenizer."""
@@ -155,7 +176,8 @@ def make_toy_data(out, seed=0, **sizes):
         teacher_llm=corpus(rng, world, kinds, n["n_text"]),
         student_llm=corpus(rng, world, kinds[: len(kinds) // 3], n["n_text"] // 3),
     )
-    for split, r in rows.items():
+    held_out = held_out_rows(world, seed, n["n_heldout"], images)
+    for split, r in (rows | held_out).items():
         with open(os.path.join(out, f"{split}.json"), "w") as f:
             json.dump(r, f, indent=1)
     with open(os.path.join(out, "text.json"), "w") as f:

@@ -14,6 +14,9 @@
 #   STUDENT_LLM   student LLM dir, e.g. Qwen/Qwen1.5-0.5B
 #   PT_DATA       LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json);   PT_IMAGES  its image folder
 #   SFT_DATA      LLaVA-1.5 mix JSON (llava_v1_5_mix665k.json);         SFT_IMAGES its image root
+#   EVAL_DATA     held-out LLaVA JSON for sft and dft (EVAL_IMAGES, default SFT_IMAGES): every loss term on it
+#                 every EVAL_EVERY steps (default 200) and at the end, in each log.jsonl; PT_EVAL_DATA
+#                 (PT_EVAL_IMAGES, default PT_IMAGES) the same for pt and dpt (docs/eval.md: how to split one off)
 #   OUT           where every stage writes its checkpoint (default runs/real, toy: runs/toy)
 #   NGPU          processes (default: every GPU, or 1 on a CPU machine)
 #   BATCH         per-GPU micro-batch (default 8; the global batch of Table A9 is kept by accumulation)
@@ -91,7 +94,8 @@ if [ -n "${INIT:-}" ]; then
   # ---- DFT only: an existing small LLaVA distilled from a larger one of the same tokenizer ----
   : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
   EXTRA=${EXTRA---group_by_length}
-  stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA \
+  HELD=${EVAL_DATA:+--eval_data $EVAL_DATA --eval_images ${EVAL_IMAGES:-$SFT_IMAGES} --eval_every ${EVAL_EVERY:-200}}
+  stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA $HELD \
     --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
   echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
   exit 0
@@ -102,7 +106,9 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   : "${VISION:?set VISION}" "${STUDENT_LLM:?set STUDENT_LLM}" "${PT_DATA:?set PT_DATA}" "${PT_IMAGES:?set PT_IMAGES}"
   : "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
   EXTRA=${EXTRA---group_by_length}; B="--batch_size ${BATCH:-8} $EXTRA"
-  PT="--data $PT_DATA --images $PT_IMAGES $B"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B"
+  PT_HELD=${PT_EVAL_DATA:+--eval_data $PT_EVAL_DATA --eval_images ${PT_EVAL_IMAGES:-$PT_IMAGES} --eval_every ${EVAL_EVERY:-200}}
+  HELD=${EVAL_DATA:+--eval_data $EVAL_DATA --eval_images ${EVAL_IMAGES:-$SFT_IMAGES} --eval_every ${EVAL_EVERY:-200}}
+  PT="--data $PT_DATA --images $PT_IMAGES $B $PT_HELD"; SFT="--data $SFT_DATA --images $SFT_IMAGES $B $HELD"
   if [ -z "${TEACHER:-}" ]; then  # the teacher: PT -> SFT, as LLaVA-1.5 / TinyLLaVA train it
     : "${TEACHER_LLM:?set TEACHER_LLM or TEACHER}"
     stage pt  $PT  --vision "$VISION" --llm "$TEACHER_LLM" --out "$OUT/teacher-pt"
@@ -112,6 +118,7 @@ if [ -n "${STUDENT_LLM:-}${TEACHER_LLM:-}${TEACHER:-}${VISION:-}" ]; then
   stage dpt $PT  --vision "$VISION" --llm "$STUDENT_LLM" --teacher "$TEACHER" --out "$OUT/student-dpt"
   stage sft $SFT --init "$OUT/student-dpt" --out "$OUT/student-dpt-sft"
   stage dft $SFT --init "$OUT/student-dpt-sft" --teacher "$TEACHER" --out "$OUT/student-llava-kd"
+  $PYTHON llava_kd.py plot "$OUT/student-dpt" "$OUT/student-dpt-sft" "$OUT/student-llava-kd" --out "$OUT/curves.png"
   echo "LLaVA-KD student: $OUT/student-llava-kd (LlavaForConditionalGeneration.from_pretrained loads it)"
   exit 0
 fi
@@ -124,6 +131,8 @@ TOY_STEPS=${TOY_STEPS:-}; STEP=${TOY_STEPS:+--max_steps $TOY_STEPS}  # TOY_STEPS
 COMMON="--images $T/data/images --max_length 192 --workers 0 $STEP $EXTRA"
 PT="--data $T/data/pretrain.json --lr 1e-3 --epochs $TOY_PT_EPOCHS --batch_size 16 --global_batch_size 32 $COMMON"
 SFT="--data $T/data/sft.json --lr $TOY_SFT_LR --epochs $TOY_SFT_EPOCHS --batch_size 8 --global_batch_size 8 $COMMON"
+PT="$PT --eval_data $T/data/heldout_pretrain.json --eval_every 20"  # 96 held-out images: true captions,
+SFT="$SFT --eval_data $T/data/heldout_sft.json --eval_every 140"    # true facts; ~10 records a stage
 EVAL="$PYTHON toy.py eval --data $T/data/test.json --images $T/data/images"
 START=$(date +%s)  # run again, it goes on where it stopped (delete $OUT to start over)
 setup() { $PYTHON toy.py setup --out "$T" --seed ${TOY_SEED:-0} ${TOY_QUICK:+--quick}; }  # data, tokenizer, tower, LLMs
@@ -225,4 +234,6 @@ parallel "${chains[@]}"
 chains=("evaluate teacher"); for s in $SEEDS; do chains+=("evaluate $s"); done
 parallel "${chains[@]}"
 cat $OUT/teacher-results.jsonl $(for s in $SEEDS; do echo $OUT/seed$s/results.jsonl; done) > $OUT/results.jsonl
+S=$OUT/seed${SEEDS%% *}  # the first seed's LLaVA-KD chain, as a picture
+$PYTHON llava_kd.py plot $S/dpt $S/dpt-sft $S/dpt-sft-dft --out $OUT/curves.png
 $PYTHON toy.py table --results $OUT/results.jsonl --out $OUT/table.md --seconds $(( $(date +%s) - START ))

@@ -40,7 +40,11 @@ def test_toy_recipe_runs_end_to_end_and_prints_the_table(recipe):
         ("pt-sft-sft", False),
     ):
         log = [json.loads(line) for line in open(out / "toy" / "seed1" / stage / "log.jsonl")]
-        assert len(log) == 4 and all((r["L_vis"] > 0) == teacher for r in log)
+        train = [r for r in log if "loss" in r]
+        assert len(train) == 4 and all((r["L_vis"] > 0) == teacher for r in train)
+        (held_out,) = [r for r in log if "eval_loss" in r]  # the held-out split, at the end
+        assert held_out["step"] == 4 and (held_out["eval_L_vis"] > 0) == teacher
+    assert "plot: 9 panels of 3 stage(s)" in stdout and (out / "toy" / "curves.png").exists()
     # the toy setup is TOY_SEED's draw
     toy_data.make_toy_data(
         str(out / "draw1"), 1, **{k: v for k, v in toy_module.QUICK.items() if k[:2] == "n_"}
@@ -76,7 +80,7 @@ def test_a_recipe_killed_in_its_dft_stage_continues_where_it_stopped_with_the_sa
     step, logged = stopped
     assert 1 <= step < 4
     lines = open(out / "seed1" / "dpt-sft-dft" / "log.jsonl").readlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 4]  # + the held-out one
     assert lines[:step] == logged  # resumed at its checkpoint: the steps before it not run again
 
 
