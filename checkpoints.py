@@ -8,6 +8,7 @@ import shutil
 import socket
 
 import torch
+from tqdm import tqdm
 
 import errors
 import processes
@@ -321,20 +322,21 @@ def load_optimizer(student, opt, state, fsdp, names):
 
 
 class Log:
-    """out/log.jsonl (open_log), a record a line, its values shown on the progress bar; with
-    --report_to tensorboard each also as TensorBoard scalars in out/tensorboard (train/...,
+    """Rank 0's record of a run: out/log.jsonl (open_log), a record a line; the progress bar over
+    the run's steps (the loop's iterator: an error ends its line), with the records' last values;
+    with --report_to tensorboard the records as TensorBoard scalars in out/tensorboard (train/...,
     eval/...), whose events after the step the run starts at are dropped as the log's lines are."""
 
-    def __init__(self, out, start_step, report_to=None, bar=None):
+    def __init__(self, out, start_step, end, stage, report_to=None):
         self.file = open_log(out, start_step)
-        self.bar = bar
-        self.shown = {}  # the bar's values: the last of each, terms the stage computes
         self.board = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             board = os.path.join(out, "tensorboard")
             self.board = SummaryWriter(board, purge_step=start_step + 1)
+        self.bar = tqdm(range(start_step, end), initial=start_step, total=end, desc=stage)
+        self.shown = {}  # the bar's values: the last of each, terms the stage computes
 
     def write(self, rec):
         self.file.write(json.dumps(rec) + "\n")
@@ -347,8 +349,12 @@ class Log:
             self.board.flush()
         hidden = ("step", "lr", "eval_samples")
         self.shown.update((k, f"{v:.3g}") for k, v in rec.items() if v and k not in hidden)
-        if self.bar is not None:
-            self.bar.set_postfix(self.shown)
+        self.bar.set_postfix(self.shown)
+
+    def close(self):
+        self.file.close()
+        if self.board:
+            self.board.close()
 
 
 def open_log(out, start_step):

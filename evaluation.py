@@ -43,7 +43,8 @@ def held_out_set(a, processor, is_chat, read_out, rank, world):
     ds = data.LlavaDataset(a.eval_data, None, processor, is_chat, a.max_length, samples)
     if left_out is None:
         left_out = ds.check_lengths(rank, world, a.drop_too_long)
-    mine = [i for i in range(rank, len(ds), world) if i not in set(left_out)]
+    gone = set(left_out)
+    mine = [i for i in range(rank, len(ds), world) if i not in gone]
     return types.SimpleNamespace(ds=ds, mine=mine)
 
 
@@ -81,6 +82,7 @@ def evaluate(held_out, loss_of, counts_of, weights, model, a, cuda, step):
     names = list(weights)
     device = model.lm_head.weight.device
     sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64, device=device)  # terms, counts, n
+    zero = sums.new_zeros(())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -91,7 +93,7 @@ def evaluate(held_out, loss_of, counts_of, weights, model, a, cuda, step):
                 print(f"note: {error}: left out of the held-out losses at step {step}; {fix}")
             _, terms = loss_of(stand_in(pad_id) if batch is None else batch)
             if batch is not None:
-                found = [terms[k].double() if k in terms else sums[0] * 0 for k in names]
+                found = [terms[k].double() if k in terms else zero for k in names]
                 sums[: len(names)] += torch.stack(found)
                 counts = counts_of(batch) + [len(batch["input_ids"])]
                 sums[len(names) :] += torch.tensor(counts, dtype=torch.float64, device=device)

@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import checkpoints
 import data
@@ -782,8 +781,7 @@ def train(a):
     r = set_up(a, ddp, cuda, device, rank, world)
     if r is None:  # nothing to train (--plan, or a stage that had finished)
         return dist.destroy_process_group() if ddp else None
-    bar = tqdm(range(r.step, r.end), initial=r.step, total=r.end, disable=not master, desc=a.stage)
-    log = checkpoints.Log(a.out, r.step, a.report_to, bar) if master else None
+    log = checkpoints.Log(a.out, r.step, r.end, a.stage, a.report_to) if master else None
     if master:
         print(
             f"stage {a.stage}: {len(r.ds)} samples, {r.total} steps of {r.global_batch} ({world} "
@@ -791,7 +789,7 @@ def train(a):
             f"{sum(p.numel() for p in r.params) / 1e6:.2f}M trainable, teacher {a.teacher or '-'}"
         )
     batches = micro_batches(a, r, rank, world, cuda)
-    for step in bar:
+    for step in log.bar if master else range(r.step, r.end):
         t0 = time.time()
         preemption.step_begins()
         for group in r.opt.param_groups:
@@ -828,6 +826,7 @@ def train(a):
                 f"the same command and --resume (train.sh: the same command)"
             )
     if master:
+        log.close()
         checkpoints.publish(a.out, r.args, r.end, finished=r.end == r.total)
         print(f"stage {a.stage}: done at step {r.end}; model in {a.out}")
     if ddp:

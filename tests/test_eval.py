@@ -3,12 +3,14 @@
 import importlib.util
 import json
 import os
+import signal
 
 import pytest
 import torch
-from conftest import args, finish, processes, refused, weights
+from conftest import Forked, args, ended, finish, processes, refused, weights
 from PIL import Image
 
+import evaluation
 import llava_kd
 import plot
 
@@ -166,3 +168,41 @@ def test_plot_draws_every_logged_quantity_of_stages_one_after_another(toy, ckpts
     assert os.path.getsize(png) > 10_000
     message = refused(["plot", str(tmp_path)])
     assert str(tmp_path) in message and "log.jsonl" in message
+
+
+def test_a_signal_during_an_evaluation_stops_after_the_next_step_and_the_run_goes_on(
+    toy, ckpts, tmp_path, monkeypatch
+):
+    """SIGTERM while step 1's held-out records are made: it is part of the step (watched, as its
+    collectives are), the stop comes after step 2 with a checkpoint, and the same command ends with
+    the weights and the records of a run never stopped, each record once."""
+    data = write_rows(tmp_path / "rows.json", json.load(open(f"{toy}/data/sft.json"))[:48])
+    held = f"{toy}/data/sft.json"
+
+    def command(out):
+        argv = distill(toy, ckpts, out, "--eval_data", held, "--eval_every", "1", "--auto_resume")
+        argv[argv.index("--data") + 1] = data
+        return argv
+
+    llava_kd.main(command(tmp_path / "whole"))
+    real = evaluation.evaluate
+    calls = []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "evaluate", signalled)
+        (output,) = ended([Forked(command(tmp_path / "stopped"), {})])
+    assert "error: stopped by SIGTERM at step 2 of 3" in output, output[-2000:]
+    assert "Traceback" not in output
+    llava_kd.main(command(tmp_path / "stopped"))
+    whole, stopped = weights(tmp_path / "whole"), weights(tmp_path / "stopped")
+    assert all(torch.equal(whole[k], stopped[k]) for k in whole)
+    steps = [(r["step"], "eval_loss" in r) for r in records(tmp_path / "stopped")]
+    assert steps == [(s, e) for s in (1, 2, 3) for e in (False, True)]
+    ours = [r["eval_loss"] for r in records(tmp_path / "stopped") if "eval_loss" in r]
+    assert ours == [r["eval_loss"] for r in records(tmp_path / "whole") if "eval_loss" in r]

@@ -137,8 +137,13 @@ def test_every_setting_launches_the_stages_the_readme_says(standin, recipe, sett
         if recipe == "dft only":
             chain = {"student-dft": ("dft", "I", "T")}
         stages = []
-        for r in records(record):
-            launcher, flags = launched(r["argv"], ngpu, nnodes)
+        runs = [r["argv"] for r in records(record)]
+        plots = [argv for argv in runs if argv[1:2] == ["plot"]]  # the student's curves, at the end
+        students = [f"{out}/{name}" for name in list(chain)[-3:]]
+        assert plots == ([] if recipe == "dft only" else [runs[-1]]), (recipe, ngpu, nnodes)
+        assert all(p[2:] == [*students, "--out", f"{out}/curves.png"] for p in plots), plots
+        for argv in runs[: len(runs) - len(plots)]:
+            launcher, flags = launched(argv, ngpu, nnodes)
             value = {w: flags[i + 1] for i, w in enumerate(flags[:-1]) if w.startswith("--")}
             stage = value["--stage"]
             sharded = fsdp == "1" or (
@@ -151,6 +156,31 @@ def test_every_setting_launches_the_stages_the_readme_says(standin, recipe, sett
             assert (stage, value.get("--init"), value.get("--teacher")) == chain[name], case
             stages.append(name)
         assert stages == list(chain), (recipe, ngpu, nnodes, fsdp)
+
+
+@pytest.mark.parametrize("recipe", ["real", "dft only"])
+def test_the_held_out_settings_reach_their_stages(standin, recipe):
+    """EVAL_DATA (EVAL_IMAGES, else SFT_IMAGES) to sft and dft, PT_EVAL_DATA (PT_EVAL_IMAGES, else
+    PT_IMAGES) to pt and dpt, every EVAL_EVERY steps (200 unless set); none without them."""
+    env, record = standin
+    held = dict(EVAL_DATA="E.json", PT_EVAL_DATA="PE.json", PT_EVAL_IMAGES="PEI", EVAL_EVERY="50")
+    settings = (
+        REAL if recipe == "real" else dict(INIT="I", TEACHER="T", SFT_DATA="S", SFT_IMAGES="SI")
+    )
+    for given in (held, {}):
+        record.unlink(missing_ok=True)
+        run = subprocess.run(["bash", "train.sh"], cwd=ROOT, env=dict(env, **settings, **given))
+        assert run.returncode == 0
+        for r in records(record):
+            _, flags = launched(r["argv"], 1, 1)
+            if "--stage" not in flags:
+                continue  # the plot
+            pt = flags[flags.index("--stage") + 1] in ("pt", "dpt")
+            want = ["--eval_data", "PE.json", "--eval_images", "PEI", "--eval_every", "50"]
+            if not pt:
+                want = ["--eval_data", "E.json", "--eval_images", "SI", "--eval_every", "50"]
+            i = flags.index("--eval_data") if "--eval_data" in flags else len(flags)
+            assert flags[i : i + 6] == (want if given else []), flags
 
 
 def start(env, **settings):
