@@ -27,9 +27,10 @@ def check_resume(a, saved, digest, what=None):
     MAY_CHANGE), on the same data."""
     what = what or f"--resume: the checkpoint in {a.out}"
     if saved.get("data_sha256", digest) != digest:
+        then = saved["data"] if isinstance(saved["data"], str) else " ".join(saved["data"])
         raise errors.UserError(
-            f"{what} was written on other data: --data {a.data} does not hold the samples it "
-            f"trained on (then at {saved['data']}); continue on those, or give a new --out"
+            f"{what} was written on other data: --data {' '.join(a.data)} does not hold the "
+            f"samples it trained on (then at {then}); continue on those, or give a new --out"
         )
     differ = [k for k, v in vars(a).items() if k not in MAY_CHANGE and k in saved and saved[k] != v]
     if differ:

@@ -81,10 +81,37 @@ def read_samples(json_path, image_folder, rank=0, world=1):
     return samples
 
 
+def read_sources(paths, folders, rank=0, world=1):
+    """The samples of every --data file (read_samples), one list in the order given, each file's
+    images under its folder (one folder: every file's). With several files a sample's id is its
+    file's path and its own ("data/a.json:000123"): unique, and every note names the file."""
+    folders = folders * len(paths) if len(folders) == 1 else folders
+    samples = []
+    for path, folder in zip(paths, folders):
+        found = read_samples(path, folder, rank, world)
+        if len(paths) > 1:
+            found = [(f"{path}:{sid}", image, conv) for sid, image, conv in found]
+        samples += found
+    return samples
+
+
+def label(paths):
+    """What messages call the data: its file, or --data (each sample's id then names its file)."""
+    return paths[0] if len(paths) == 1 else "--data"
+
+
 def file_sha256(path):
     """What a data file holds, whatever its path: a checkpoint is continued on the same samples."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sources_sha256(paths):
+    """What the --data files hold, in their order (one file: its own SHA-256)."""
+    digests = [file_sha256(path) for path in paths]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def _check(row, i, image_folder, moved, open_image):
@@ -412,7 +439,7 @@ def check_lengths(processor, source, a, is_chat, samples, rank, world, path=None
     """Every answer's length (LlavaDataset.check_lengths) of the samples of `path` (--data's by
     default) with the processor of the checkpoint `source` alone: no weights read."""
     chat.prepare_chat(processor, transformers.GenerationConfig(), source, end_is_eos=is_chat)
-    ds = LlavaDataset(path or a.data, None, processor, is_chat, a.max_length, samples)
+    ds = LlavaDataset(path or label(a.data), None, processor, is_chat, a.max_length, samples)
     return ds.check_lengths(rank, world, a.drop_too_long)
 
 

@@ -22,7 +22,7 @@ def read(a, processor, source, is_chat, rank, world):
     process's left-out indices, None when not yet checked), or None without --eval_data."""
     if not a.eval_data or a.plan_gpus:
         return None
-    samples = data.read_samples(a.eval_data, a.eval_images or a.images, rank, world)
+    samples = data.read_samples(a.eval_data, a.eval_images or a.images[0], rank, world)
     if len(samples) < world:
         raise errors.UserError(
             f"--eval_data {a.eval_data}: {len(samples)} sample(s) for {world} processes; give it "

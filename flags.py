@@ -59,6 +59,26 @@ def check_checkpoint(flag, path, kinds, what):
         )
 
 
+def check_sources(paths, folders):
+    """--data's files and --images's folders: one folder for all the files, or one each."""
+    if len(folders) not in (1, len(paths)):
+        raise errors.UserError(
+            f"--images: {len(folders)} folders for {len(paths)} --data files; give one folder for "
+            f"all of them, or one each in the order of --data"
+        )
+    if len({os.path.realpath(p) for p in paths}) < len(paths):
+        raise errors.UserError(f"--data {' '.join(paths)}: a file given twice")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise errors.UserError(f"--data {path}: no such file; expected a LLaVA JSON file")
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise errors.UserError(
+                f"--images {folder}: no such directory; expected the folder the JSON's image paths "
+                f"are relative to"
+            )
+
+
 # The least value of each numeric flag
 NUMERIC_FLAGS = dict(
     global_batch_size=1,
@@ -88,13 +108,8 @@ def check_flags(a, world, stage, table):
         pass
     elif not a.data or not a.images:
         raise errors.UserError("--data JSON and --images DIR are needed (--plan_gpus: not)")
-    elif not os.path.isfile(a.data):
-        raise errors.UserError(f"--data {a.data}: no such file; expected a LLaVA JSON file")
-    elif not os.path.isdir(a.images):
-        raise errors.UserError(
-            f"--images {a.images}: no such directory; expected the folder the JSON's image paths "
-            f"are relative to"
-        )
+    else:
+        check_sources(a.data, a.images)
     if a.eval_data and not os.path.isfile(a.eval_data):
         raise errors.UserError(
             f"--eval_data {a.eval_data}: no such file; expected a LLaVA JSON file"
@@ -163,8 +178,14 @@ def parser(description, stages):
         "checkpoint/ (--resume continues from it).",
     )
     p.add_argument("--stage", required=True, choices=stages)
-    p.add_argument("--data", help="LLaVA JSON")
-    p.add_argument("--images", help="folder the JSON's image paths are relative to")
+    p.add_argument(
+        "--data", nargs="+", help="LLaVA JSON file(s): one epoch order over all their samples"
+    )
+    p.add_argument(
+        "--images",
+        nargs="+",
+        help="the folder each file's image paths are relative to: one for all, or one each",
+    )
     p.add_argument("--out", required=True)
     p.add_argument(
         "--init", help="continue from this LLaVA checkpoint (the previous stage's --out)"
@@ -188,7 +209,7 @@ def parser(description, stages):
         "the data); their ids go to --out/left_out.json",
     )
     p.add_argument("--eval_data", help="held-out LLaVA JSON: the stage's losses on it, no grad")
-    p.add_argument("--eval_images", help="its image folder (default: --images)")
+    p.add_argument("--eval_images", help="its image folder (default: the first --images)")
     p.add_argument(
         "--eval_every", type=int, help="with --eval_data: every N steps, and at the end (default)"
     )

@@ -531,15 +531,16 @@ def check_before_loading(a, device, world, rank):
     stage = STAGES[a.stage]
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = flags.check_flags(a, world, stage, TABLE_A9[a.stage])
-    digest = None if a.plan_gpus else data.file_sha256(a.data)
+    digest = None if a.plan_gpus else data.sources_sha256(a.data)
     how = checkpoints.how_to_start(a, rank == 0, digest)
     if how == "skip":  # finished before: nothing to do
         return None
     plan = a.plan or bool(a.plan_gpus)  # --plan_gpus: the plan of another machine
-    samples = [] if a.plan_gpus else data.read_samples(a.data, a.images, rank, world)
+    samples = [] if a.plan_gpus else data.read_sources(a.data, a.images, rank, world)
     if len(samples) < global_batch and not a.plan_gpus:
         raise errors.UserError(
-            f"{a.data}: {len(samples)} samples are fewer than one global batch ({global_batch}); "
+            f"{data.label(a.data)}: {len(samples)} samples are fewer than one global batch "
+            f"({global_batch}); "
             f"lower --global_batch_size"
         )
     if not plan:
@@ -614,7 +615,7 @@ def place_models(a, model, teacher, checkpointing, ddp, cuda, device):
     m_t = teacher_gram(teacher, model) if teacher is not None and a.gamma else None
     student = Student(model, m_t)
     if a.fsdp:
-        return processes.shard(student, model, bf16=cuda), teacher
+        return processes.shard(student, model, cuda, teacher), teacher
     if ddp:
         # every trained parameter is in every micro-batch's graph (llava_hidden): no search for
         # unused ones; the gradients live in DDP's buckets (no second copy)

@@ -117,6 +117,11 @@ def activation_bytes(text, batch, length, dtype, checkpointing, residual=4):
     return layers * layer
 
 
+TEACHER_ROW = "teacher, frozen (tower: the student's; FSDP2: layers sharded)"
+# (under FSDP2 its forward gathers two of its layers at a time, before the student's forward: below
+# the peak at that forward's end, so no row)
+
+
 def memory_plan(
     student, teacher, batch, max_length, world, cuda, fsdp, gamma, per_node=None, accum=1
 ):
@@ -147,8 +152,11 @@ def memory_plan(
     if teacher is not None:
         t_hidden = teacher.config.text_config.hidden_size
         frozen = numel(teacher) - numel(teacher.model.vision_tower)  # the tower is the student's
+        t_layers = teacher.model.language_model.layers
+        sharded = len(t_layers) * numel(t_layers[0]) if fsdp else 0  # FSDP2: the teacher's layers
+        held_teacher = size * (frozen - sharded + sharded / shards)
         gram = 4 * (t_hidden**2 + D**2) if gamma else 0  # W^T W of both heads, for L_rel
-        rows.append(("teacher, frozen (the tower is the student's)", size * frozen, "held"))
+        rows.append((TEACHER_ROW, held_teacher, "held"))
         rows.append(("W^T W of both heads", gram, "held"))
     base = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
     rows.append((*base, "held"))
@@ -304,7 +312,8 @@ def what_fits(a, world, limit, total, checkpointing):
             if recompute and not checkpointing:
                 changes.append("--grad_checkpointing")
             if fsdp and not a.fsdp:
-                changes.append("--fsdp (train.sh: FSDP=1)")
+                also = "; it shards the teacher's layers too" if a.teacher else ""
+                changes.append(f"--fsdp (train.sh: FSDP=1{also})")
             if batch != a.batch_size:
                 changes.append(f"--batch_size {batch} (train.sh: BATCH={batch})")
             return f"{' and '.join(changes)} fits ({fits / 2**30:.1f} GiB)"

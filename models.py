@@ -308,8 +308,8 @@ def load_stage(a, stage, checked, cuda, world, rank):
         teacher = load_teacher(a.teacher, model, processor, dtype, new, attn)
     chat.prepare_chat(processor, model.generation_config, source or a.llm, stage["chat"])
     ds = data.LlavaDataset(
-        a.data,
-        a.images,
+        data.label(a.data),
+        None,  # the samples, read and checked
         processor,
         chat=stage["chat"],
         max_length=a.max_length,

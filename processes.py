@@ -150,12 +150,14 @@ def stop(error, out):
     raise SystemExit(f"error (rank {rank}): {error}") from None
 
 
-def shard(student, model, bf16):
+def shard(student, model, bf16, teacher=None):
     """FSDP2 instead of DDP: parameters, gradients and AdamW state split over the processes. Each
     decoder layer is a group; the root group (embeddings, final norm, head, projector) is whole
     through the root's forward, where fused_loss reads the head. The frozen vision tower, shared
-    with the teacher and run before the student, stays whole on every process; so does the teacher.
-    On several nodes: sharded within a node, replicated across nodes (HSDP, a 2-D mesh), so that a
+    with the teacher and run before the student, stays whole on every process. The frozen teacher's
+    LLM is sharded on the same mesh: its layers gathered one at a time in its forward (no_grad) and
+    freed after, its embeddings (read before the LLM runs) and head (fused_loss reads it) whole. On
+    several nodes: sharded within a node, replicated across nodes (HSDP, a 2-D mesh), so that a
     step's all-gathers stay on the node's own links."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -168,7 +170,13 @@ def shard(student, model, bf16):
     mesh = init_device_mesh(device, (nodes, on_node), mesh_dim_names=("replicate", "shard"))
     mesh = mesh if nodes > 1 else mesh["shard"]
     if dist.get_rank() == 0:
-        print(f"FSDP2: sharded over {on_node} processes, replicated over {nodes} node(s)")
+        also = ", the teacher's layers too" if teacher is not None else ""
+        print(f"FSDP2: sharded over {on_node} processes, replicated over {nodes} node(s){also}")
+    if teacher is not None:  # gathered as stored (bf16 on CUDA); the LLM the root of its layers
+        llm = teacher.model.language_model
+        for layer in llm.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(llm, mesh=mesh, ignored_params=set(llm.embed_tokens.parameters()))
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     tower = set(model.model.vision_tower.parameters())

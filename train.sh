@@ -14,6 +14,8 @@
 #   STUDENT_LLM   student LLM dir, e.g. Qwen/Qwen1.5-0.5B
 #   PT_DATA       LLaVA-Pretrain JSON (blip_laion_cc_sbu_558k.json);   PT_IMAGES  its image folder
 #   SFT_DATA      LLaVA-1.5 mix JSON (llava_v1_5_mix665k.json);         SFT_IMAGES its image root
+#                 each of the four a list too: several JSON files (one epoch order over all), and one folder
+#                 for all of them or one each, space-separated, e.g. SFT_DATA="mix665k.json more.json"
 #   EVAL_DATA     held-out LLaVA JSON for sft and dft (EVAL_IMAGES, default SFT_IMAGES): every loss term on it
 #                 every EVAL_EVERY steps (default 200) and at the end, in each log.jsonl; PT_EVAL_DATA
 #                 (PT_EVAL_IMAGES, default PT_IMAGES) the same for pt and dpt (docs/eval.md: how to split one off)
@@ -95,7 +97,7 @@ if [ -n "${INIT:-}" ]; then
   : "${TEACHER:?set TEACHER}" "${SFT_DATA:?set SFT_DATA}" "${SFT_IMAGES:?set SFT_IMAGES}"
   EXTRA=${EXTRA---group_by_length}
   HELD=${EVAL_DATA:+--eval_data $EVAL_DATA --eval_images ${EVAL_IMAGES:-$SFT_IMAGES} --eval_every ${EVAL_EVERY:-200}}
-  stage dft --data "$SFT_DATA" --images "$SFT_IMAGES" --batch_size ${BATCH:-8} $EXTRA $HELD \
+  stage dft --data $SFT_DATA --images $SFT_IMAGES --batch_size ${BATCH:-8} $EXTRA $HELD \
     --init "$INIT" --teacher "$TEACHER" --out "$OUT/student-dft"
   echo "distilled: $OUT/student-dft (LlavaForConditionalGeneration.from_pretrained loads it)"
   exit 0

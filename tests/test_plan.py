@@ -76,6 +76,7 @@ def plan_args(**kw):
         ignore_plan=False,
         plan_gpus=None,
         plan_gib=None,
+        teacher="T",
     )
     return argparse.Namespace(**{**base, **kw})
 
@@ -111,10 +112,19 @@ def test_a_run_that_does_not_fit_is_stopped_naming_what_fits(toy, ckpts, metas, 
         metas, plan_args(batch_size=8, max_length=4096), 8, t[False, True] * 0.99, monkeypatch
     )
     assert message.startswith("memory plan: ") and "exceeds" in message and "--fsdp" in message
-    # below checkpointing's total but above sharding's with checkpointing: --fsdp named too
+    # below checkpointing's total but above sharding's with checkpointing: --fsdp named, and that it
+    # shards the teacher (the toy's teacher is most of what a process holds)
     a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=True)
     between = (t[True, True] + t[False, True]) / 2
-    assert "--fsdp (train.sh: FSDP=1) fits" in refusal(metas, a, 8, between, monkeypatch)
+    sharded = "--fsdp (train.sh: FSDP=1; it shards the teacher's layers too) fits"
+    assert sharded in refusal(metas, a, 8, between, monkeypatch)
+    rows = {
+        f: dict((w, b) for w, b, _ in memory.memory_plan(*metas, 8, 4096, 8, False, f, 0.5))
+        for f in (False, True)
+    }
+    teacher = [rows[f][memory.TEACHER_ROW] for f in (False, True)]
+    layers = sum(p.numel() for p in metas[1].model.language_model.layers.parameters())
+    assert teacher[0] - teacher[1] == pytest.approx(4 * layers * 7 / 8)  # 1/8 of its layers held
     # one process, too little for any setting of this micro-batch: a smaller one is named
     a = plan_args(batch_size=8, max_length=4096, grad_checkpointing=True)
     one = totals(metas, plan_args(batch_size=1, max_length=4096), world=1)[False, True]

@@ -232,7 +232,10 @@ def test_each_row_of_the_memory_plan_is_its_formula(ckpts):
         assert got["student weights, float32 (vision tower whole)"] == 4 * rest / shards + 4 * tower
         assert got["gradients, float32"] == 4 * trained / shards
         assert got["AdamW moments, float32"] == 8 * trained / shards
-        assert got["teacher, frozen (the tower is the student's)"] == (2 if cuda else 4) * frozen
+        layers = t.model.language_model.layers
+        sharded = sum(p.numel() for p in layers.parameters()) if fsdp else 0  # FSDP2's layers
+        whole = (frozen - sharded + sharded / shards) * (2 if cuda else 4)
+        assert got["teacher, frozen (tower: the student's; FSDP2: layers sharded)"] == whole
         assert got["W^T W of both heads"] == 4 * (D_t**2 + D**2)
         when = {what: w for what, _, w in rows}
         assert when["gradients, float32"] == "held"  # accum 2: kept through the micro-steps

@@ -773,3 +773,63 @@ def test_the_student_makes_its_heads_gram_once_an_optimizer_step(toy, ckpts, mon
             fresh = llava_kd.stage_loss(llava_kd.Student(model, student.m_t), model, teacher, b)
             torch.testing.assert_close(terms["L_rel"], fresh[1]["L_rel"])
         assert calls == want, stage
+
+
+@pytest.mark.parametrize("stage", ["dpt", "dft"])
+def test_a_teacher_sharded_under_fsdp_gives_the_losses_and_weights_of_a_whole_one(
+    toy, ckpts, tmp_path, stage
+):
+    """--fsdp on 2 processes shards the frozen teacher's layers too: every step's loss and terms
+    and the student's weights after 3 steps are those of one process, whose teacher is whole."""
+    common = ["--teacher", str(ckpts / "teacher"), "--lr", "1e-3", "--max_steps", "3"]
+    common += ["--init", str(ckpts / "student")] if stage == "dft" else []
+    if stage == "dpt":
+        common += ["--vision", f"{toy}/vision", "--llm", f"{toy}/student_llm"]
+    two = args(toy, stage, tmp_path / "two", *common, "--fsdp")
+    two[two.index("--batch_size") + 1] = "4"  # 2 processes x 4 x 2 micro-steps
+    run = processes(*two)
+    llava_kd.main(args(toy, stage, tmp_path / "one", *common))
+    assert "the teacher's layers too" in finish(run)[0]
+    logs = [[json.loads(x) for x in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
+    for a, b in zip(*logs, strict=True):
+        for k in ("loss", *llava_kd.TERMS):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    one, sharded = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(sharded[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+def teacher_sharded(ckpts, toy):
+    from torch.distributed.tensor import DTensor
+
+    model, processor = models.load_llava(ckpts / "student", torch.float32)
+    teacher, _ = models.load_llava(ckpts / "teacher", torch.float32)
+    teacher.eval().requires_grad_(False)
+    ds = data.LlavaDataset(
+        f"{toy}/data/sft.json", f"{toy}/data/images", processor, chat=True, max_length=512
+    )
+    b = data.collate([ds[i] for i in range(4)], processor.tokenizer.pad_token_id)
+    z_v = llava_kd.vision_features(teacher, b["pixel_values"])
+    whole = llava_kd.llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v)
+    procs.shard(llava_kd.Student(model), model, bf16=False, teacher=teacher)
+    llm = teacher.model.language_model
+    layer_weights = [p for layer in llm.layers for p in layer.parameters()]
+    assert layer_weights and all(isinstance(p, DTensor) for p in layer_weights)
+    kept = [
+        llm.embed_tokens.weight,
+        teacher.lm_head.weight,
+        *teacher.model.vision_tower.parameters(),
+    ]
+    assert not any(isinstance(p, DTensor) for p in kept)  # read outside the LLM's forward
+    with torch.no_grad():
+        sharded = llava_kd.llava_hidden(teacher, b["input_ids"], b["attention_mask"], z_v)
+    torch.testing.assert_close(sharded, whole)
+    after = [p for layer in llm.layers for p in layer.parameters()]
+    assert all(isinstance(p, DTensor) for p in after)  # sharded again after its forward
+    print("passed")
+
+
+def test_fsdp_shards_the_teacher_layers_and_leaves_what_is_read_outside_its_llm_whole(toy, ckpts):
+    """The teacher's decoder layers DTensors (gathered in its forward, which gives what the whole
+    teacher gives, and sharded again after); embeddings, head and the shared tower plain tensors."""
+    alone(teacher_sharded, ckpts, toy)
