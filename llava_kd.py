@@ -6,11 +6,10 @@
         --teacher DIR [--fsdp]
     bash train.sh    # the whole recipe; the toy one with no settings (README)
 
-Each stage writes OUT/ (the model and its processor: stock from_pretrained loads it), OUT/log.jsonl
-(every loss term, lr, grad_norm, tokens/s and memory, a line a step) and OUT/checkpoint/ (--resume).
-Top to bottom, as the paper: the losses (Sec. 3: MDist = L_res + L_vis, RDist = L_rel, their sum
-L_DPT / L_DFT), the model and the stage table (Table A9), the training loop. The rest: README's map.
-"""
+Each stage writes OUT/ (the model and its processor, stock), OUT/log.jsonl (each step's terms, lr,
+grad_norm, tokens/s, memory; `llava_kd.py plot OUT` draws it) and OUT/checkpoint/. Top to bottom, as
+the paper: the losses (Sec. 3: MDist = L_res + L_vis, RDist = L_rel, their sum L_DPT / L_DFT), the
+model and the stage table (Table A9), the training loop. The rest: README's map."""
 
 import contextlib
 import dataclasses
@@ -170,7 +169,7 @@ def fused_loss(
     m_s=None,
     m_t=None,
     counts=(None,) * 4,
-    block=2**24,
+    block=2**26,
 ):
     """(loss, terms) = next_token_loss + distill_loss on (h_s W_s^T, h_t W_t^T), or L_reg alone.
     m_s, m_t: W^T W (lean_relation); block: logits a block. Masks on the CPU: no wait on the GPU."""
@@ -221,12 +220,10 @@ BLOCK_ORDER = ("L_reg", "L_res", "L_vis", "L_pro", "L_rel")
 
 
 def loss_rows(labels, visual_mask, attention_mask, weights, counts, device, dtype):
-    """Where the masks are (the CPU in the loop): each term's rows (L_reg, L_res: the answer rows;
-    L_vis: the visual rows; L_pro: the prompt rows), its count (counts' global batch, else this
-    batch's; L_rel: the samples with an image) and weight (by name). In BLOCK_ORDER: (n [5],
-    scale = weight / n, the rows the blocks take, which terms each is in, its weight in L_reg (a)
-    and in the KL terms (b), its next token; L_rel's rows and their number in each sample), on
-    `device`, the weights in `dtype`."""
+    """Where the masks are (the loop: the CPU): each term's rows (answer, visual, prompt), count
+    (counts', else this batch's; L_rel: samples with an image) and weight. In BLOCK_ORDER: (n, scale
+    = weight / n, the rows the blocks take, the terms each is in, its weight in L_reg (a) and the
+    KLs (b), its next token; L_rel's rows, K of them a sample) on `device`, weights in `dtype`."""
     visual_mask = torch.zeros_like(labels, dtype=torch.bool) if visual_mask is None else visual_mask
     answer = response_rows(labels)
     prompt = prompt_rows(labels, visual_mask, attention_mask)
@@ -286,11 +283,10 @@ def lean_relation(H_s, H_t, K, scale, w_s, w_t, m_s=None, m_t=None, w_gemm=None)
     vocabulary (m_s, m_t when given), never [K, V]. (its sum, dL/dH, dL/dW when the student's whole
     head w_gemm is given: W (dL/dM + dL/dM^T) on the shared rows, 0 on the others)."""
     m_s = head_gram(w_s) if m_s is None else m_s
-    m_t = head_gram(w_t) if m_t is None else m_t
     dtype = m_s.dtype  # float32 at least
     M_s = m_s.detach().requires_grad_()
     H_s = H_s.to(dtype).requires_grad_()
-    R_t = [H @ m_t.to(dtype) @ H.T for H in H_t.to(dtype).split(K)]
+    R_t = teacher_relations(H_t.to(dtype).split(K), w_t, m_t, dtype)
     with torch.enable_grad():
         R_s = [H @ M_s @ H.T for H in H_s.split(K)]
         relation = sum(relation_distance(a, b) for a, b in zip(R_s, R_t))
@@ -300,6 +296,23 @@ def lean_relation(H_s, H_t, K, scale, w_s, w_t, m_s=None, m_t=None, w_gemm=None)
     if dL_dW is not None and len(w_s) < len(dL_dW):
         dL_dW[len(w_s) :] = 0  # rows beyond the teacher's vocabulary
     return relation.detach(), dL_dH, dL_dW
+
+
+def teacher_relations(H_t, w_t, m_t, dtype, chunk=2**14):
+    """R_t = Y_t Y_t^T of each sample's visual rows H [K, D]: H M_t H^T from M_t = W_t^T W_t (m_t,
+    or made here: 2 V D^2 products), or where that is fewer (2 V K (D + K) a sample: a wide head, a
+    call's few samples) from Y_t = H W_t^T, [K, chunk] of the vocabulary at a time."""
+    D = w_t.shape[1]
+    if m_t is not None or D * D <= sum(len(H) * (D + len(H)) for H in H_t):
+        M_t = (head_gram(w_t) if m_t is None else m_t).to(dtype)
+        return [H @ M_t @ H.T for H in H_t]
+    R_t = [H.new_zeros(len(H), len(H)) for H in H_t]
+    for start in range(0, len(w_t), chunk):
+        w = w_t[start : start + chunk].to(dtype)
+        for R, H in zip(R_t, H_t):
+            Y = H @ w.T
+            R.addmm_(Y, Y.T)
+    return R_t
 
 
 def rowdot(x, y):
@@ -384,11 +397,6 @@ def llava_hidden(model, input_ids, attention_mask, z_v):
     return out.last_hidden_state
 
 
-def llava_logits(model, input_ids, attention_mask, z_v):
-    """The logits [B, T, V] of the same forward (the tests compare them with the stock model's)."""
-    return model.lm_head(llava_hidden(model, input_ids, attention_mask, z_v))
-
-
 # The stages (paper Sec. 3): a teacher or not, the parts that train (never the vision tower:
 # freezing is this table), the chat template (sft, dft) or the captioning one (pt, dpt)
 STAGES = {
@@ -423,10 +431,9 @@ def apply_stage(model, stage):
 
 
 class Student(torch.nn.Module):
-    """What DDP or FSDP wraps: the student from Z_v (computed once, shared with the teacher) to its
-    loss, so that every parameter the loss reaches (the head too: fused_loss applies it) is in it.
-    Held here, not passed to forward (FSDP2's mixed precision casts every floating input of forward
-    to bf16): m_t, the teacher's fixed W_t^T W_t, and W_s^T W_s, made once an optimizer step."""
+    """What DDP or FSDP wraps: the student from Z_v (shared with the teacher) to its loss, so every
+    parameter the loss reaches (the head too) is in it. Held here, not passed to forward (FSDP2
+    casts its floating inputs to bf16): m_t, the teacher's W_t^T W_t, and W_s^T W_s, once a step."""
 
     def __init__(self, llava, m_t=None):
         super().__init__()
@@ -435,9 +442,8 @@ class Student(torch.nn.Module):
         self.m_s = (None, None)  # (the step it is of, W_s^T W_s)
 
     def forward(self, input_ids, attention_mask, z_v, cpu, h_t, w_t, weights, counts, step=None):
-        """cpu: the CPU batch's labels, attention and visual masks in a namespace (DDP and FSDP2
-        move a tensor argument to the GPU): fused_loss reads its rows there, without a host sync.
-        step: the optimizer step (None: nothing is held from a call to the next)."""
+        """cpu: the CPU batch's masks in a namespace (DDP and FSDP2 move a tensor argument to the
+        GPU): fused_loss reads its rows there, no host sync. step: the weights' step, or None."""
         h_s = llava_hidden(self.llava, input_ids, attention_mask, z_v)
         alpha, beta, gamma, delta = weights
         w_s = self.llava.lm_head.weight
@@ -462,10 +468,9 @@ def teacher_gram(teacher, model):
 def stage_loss(
     runner, llava, teacher, batch, weights=(1.0, 1.0, 0.5, 0.0), counts=(None,) * 4, step=None
 ):
-    """One micro-batch's loss: L_reg in pt and sft; with a teacher (dpt, dft) L_reg + alpha L_res +
-    beta L_vis + gamma L_rel (+ delta L_pro). `runner` runs the student (Student, or DDP or FSDP2
-    around it), `llava` the student's LLaVA, `batch` the CPU's (pinned on CUDA). The teacher
-    gives its last hidden states and head; fused_loss does the rest."""
+    """One micro-batch's loss: L_reg (+ alpha L_res + beta L_vis + gamma L_rel + delta L_pro with a
+    teacher). `runner` runs the student (Student, or DDP or FSDP2 around it), `llava` is its LLaVA,
+    `batch` the CPU's (pinned on CUDA)."""
     device = llava.lm_head.weight.device
     b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     visual = batch["input_ids"] == llava.config.image_token_id
@@ -508,8 +513,7 @@ def term_rows(b, image_id):
 def global_counts(micro, image_id, device, ddp, world):
     """Answer rows, visual rows, samples with an image and prompt rows of the whole global batch
     (every micro-batch and process), and its tokens. Each loss is a mean over the global batch: sums
-    divided by these counts (not by each micro-batch's own), so N processes compute what one would.
-    """
+    divided by these counts (not each micro-batch's own), so N processes compute what one would."""
     rows = []
     for b in micro:
         if b["errors"]:  # an image did not decode, or a loader worker died: nothing else in it
@@ -525,9 +529,8 @@ def global_counts(micro, image_id, device, ddp, world):
 
 def check_before_loading(a, device, world, rank):
     """Everything a run reads before any weights load: flags, data, the checkpoint to resume, the
-    memory plan, every answer's length. No collective inside: every process runs it alone (each
-    checks a share of the data), and run_on_every_process stops them all on one error. None:
-    nothing to train (--plan, or a stage that had finished)."""
+    memory plan, answers' lengths. No collective: each process checks its share of the data alone,
+    run_on_every_process stops all on one error. None: nothing to train (--plan, or finished)."""
     stage = STAGES[a.stage]
     world = a.plan_gpus or world  # --plan_gpus: the plan of that many GPUs, from the configs alone
     global_batch = flags.check_flags(a, world, stage, TABLE_A9[a.stage])
@@ -540,8 +543,7 @@ def check_before_loading(a, device, world, rank):
     if len(samples) < global_batch and not a.plan_gpus:
         raise errors.UserError(
             f"{data.label(a.data)}: {len(samples)} samples are fewer than one global batch "
-            f"({global_batch}); "
-            f"lower --global_batch_size"
+            f"({global_batch}); lower --global_batch_size"
         )
     if not plan:
         checkpoints.claim_out(a, rank == 0, how == "resume")
@@ -639,8 +641,7 @@ def set_up(a, ddp, cuda, device, rank, world):
     processes.print_notes(rank == 0)
     if a.drop_too_long:
         data.leave_out(ds, processes.gather_lists(left_out), global_batch, a.out, rank == 0)
-    placed = (a, model, teacher, checked.checkpointing, ddp, cuda, device)
-    student, teacher = place_models(*placed)
+    student, teacher = place_models(a, model, teacher, checked.checkpointing, ddp, cuda, device)
     params = [p for p in model.parameters() if p.requires_grad]
     names = ["llava." + n for n, p in model.named_parameters() if p.requires_grad]  # Student's
     table = TABLE_A9[a.stage] | {k: getattr(a, k) for k in ("lr", "epochs") if getattr(a, k)}
@@ -679,8 +680,7 @@ def set_up(a, ddp, cuda, device, rank, world):
 def save(a, r, master, done):
     """out/checkpoint after `done` steps (checkpoints.save)."""
     state = dict(step=done, total=r.total, global_batch=r.global_batch, seed=a.seed, args=r.args)
-    run = (r.model, r.processor, r.student, r.opt, r.names, a.fsdp, master)
-    checkpoints.save(a.out, state, *run)
+    checkpoints.save(a.out, state, r.model, r.processor, r.student, r.opt, r.names, a.fsdp, master)
 
 
 def forward_backward(a, r, micro, counts, ddp, device, step):

@@ -226,6 +226,34 @@ def test_teacher_gram_given_or_not():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_the_teacher_relations_from_vocabulary_chunks_are_those_from_the_head_gram(monkeypatch):
+    """R_t = Y_t Y_t^T of each sample: a vocabulary chunk at a time (a wide head, few samples: fewer
+    products than W_t^T W_t, which is then not made) or from M_t; both Y_t Y_t^T in float64, with
+    chunks that do not divide V. Many samples: the gram, fewer products then. fused_loss's L_rel and
+    gradients the same whichever way R_t came."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 40, generator=g, dtype=torch.float64)
+    H = [torch.randn(k, 40, generator=g, dtype=torch.float64) for k in (5, 6)]
+    want = [(h @ w.T) @ (h @ w.T).T for h in H]
+    grams = []
+    monkeypatch.setattr(llava_kd, "head_gram", lambda x: grams.append(x) or x.T @ x)
+    chunked = llava_kd.teacher_relations(H, w, None, torch.float64, chunk=7)
+    given = llava_kd.teacher_relations(H, w, w.T @ w, torch.float64)
+    assert not grams
+    for a, b, c in zip(chunked, given, want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-10)
+    llava_kd.teacher_relations(H * 10, w, None, torch.float64)
+    assert len(grams) == 1
+    h_s, w_s, h_t, w_t, labels, visual, _ = batch(D_t=40)
+    runs = [fused_loss(h_s, w_s, labels, visual, h_t, w_t, m_t=m) for m in (None, w_t.T @ w_t)]
+    assert [x.shape for x in grams[1:]] == [w_s.shape] * 2  # W_s^T W_s alone: R_t from chunks
+    torch.testing.assert_close(runs[0][1]["L_rel"], runs[1][1]["L_rel"], rtol=1e-12, atol=1e-14)
+    grads = [torch.autograd.grad(loss, (h_s, w_s)) for loss, _ in runs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_without_teacher_it_is_next_token_loss():
     h_s, w_s, _, _, labels, _, _ = batch()
     loss, terms = fused_loss(h_s, w_s, labels)

@@ -225,6 +225,11 @@ def args(toy, stage, out, *extra):
     ]
 
 
+def logits(model, input_ids, attention_mask, z_v):
+    """The logits [B, T, V] of llava_kd's forward (compared with the stock model's)."""
+    return model.lm_head(llava_kd.llava_hidden(model, input_ids, attention_mask, z_v))
+
+
 def weights(d):  # by module name (the file on disk keeps transformers' older key names)
     return transformers.LlavaForConditionalGeneration.from_pretrained(d).state_dict()
 

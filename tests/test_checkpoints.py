@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import torch
 import transformers
-from conftest import ROOT, args
+from conftest import ROOT, args, logits
 
 import chat
 import checkpoints
@@ -381,7 +381,7 @@ def test_vision_features_give_the_stock_forward_for_a_clip_default_tower(real):
     mask = torch.ones_like(ids)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        ours = llava_kd.llava_logits(model, ids, mask, llava_kd.vision_features(model, pixels))
+        ours = logits(model, ids, mask, llava_kd.vision_features(model, pixels))
         stock = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     torch.testing.assert_close(ours, stock)
 
@@ -400,7 +400,7 @@ def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float3
         llm.layers[0].mlp.up_proj.weight.add_(1e-3)
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
+        want = logits(model, ids, torch.ones_like(ids), None)
     values = {n: p.clone() for n, p in model.named_parameters()}
     memory.hold_frozen_in_bf16(model, cuda=False)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -415,7 +415,7 @@ def test_frozen_weights_are_held_in_bf16_on_cuda_alone_and_saved_as_their_float3
     assert "model.language_model.layers.0.mlp.up_proj.weight" not in held  # bf16 would round it
     assert model.lm_head.weight.dtype == llm.embed_tokens.weight.dtype == torch.float32  # tied
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = llava_kd.llava_logits(model, ids, torch.ones_like(ids), None)
+        got = logits(model, ids, torch.ones_like(ids), None)
     assert torch.equal(got, want)
     checkpoints.save_checkpoint_files(model, processor, tmp_path / "saved")
     with safetensors.safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import transformers
+from conftest import logits
 from PIL import Image
 
 import chat
@@ -218,9 +219,9 @@ def test_visual_mask_and_mixed_batch_through_teacher_and_student(toy, teacher_di
         batch["attention_mask"].sum(1) == torch.tensor([len(r["input_ids"]) for r in rows])
     ).all()
     z_v = llava_kd.vision_features(model, batch["pixel_values"])
-    s = llava_kd.llava_logits(model, batch["input_ids"], batch["attention_mask"], z_v)
+    s = logits(model, batch["input_ids"], batch["attention_mask"], z_v)
     with torch.no_grad():
-        t = llava_kd.llava_logits(teacher, batch["input_ids"], batch["attention_mask"], z_v)
+        t = logits(teacher, batch["input_ids"], batch["attention_mask"], z_v)
     loss, terms = llava_kd.distill_loss(s, t, batch["labels"], mask)
     assert (
         torch.isfinite(loss)
