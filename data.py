@@ -37,10 +37,9 @@ def image_seq_length(processor):
 
 
 def read_samples(json_path, image_folder, rank=0, world=1):
-    """Every sample of a LLaVA JSON file, checked: [(id, image path or None, turns)]. One UserError
-    names the file and lists every bad sample id; a missing or misplaced <image> is put at the start
-    of the first turn. Each of `world` processes opens the image headers of its share of samples.
-    A JSON list, or JSON Lines (one sample a line); a UTF-8 byte order mark is skipped."""
+    """Every sample of a LLaVA JSON file (a list, or JSON Lines; a UTF-8 BOM skipped), checked:
+    [(id, image path or None, turns)]. One UserError names the file and each bad sample's id; a
+    missing or misplaced <image> goes first in the first turn; each process opens its share's."""
     try:
         with open(json_path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -82,9 +81,8 @@ def read_samples(json_path, image_folder, rank=0, world=1):
 
 
 def read_sources(paths, folders, rank=0, world=1):
-    """The samples of every --data file (read_samples), one list in the order given, each file's
-    images under its folder (one folder: every file's). With several files a sample's id is its
-    file's path and its own ("data/a.json:000123"): unique, and every note names the file."""
+    """Every --data file's samples (read_samples) in one list, each file's images under its folder
+    (or the one folder); with several files an id is "path:id": unique, and it names the file."""
     folders = folders * len(paths) if len(folders) == 1 else folders
     samples = []
     for path, folder in zip(paths, folders):
@@ -100,18 +98,15 @@ def label(paths):
     return paths[0] if len(paths) == 1 else "--data"
 
 
-def file_sha256(path):
-    """What a data file holds, whatever its path: a checkpoint is continued on the same samples."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def sources_sha256(paths):
-    """What the --data files hold, in their order (one file: its own SHA-256)."""
-    digests = [file_sha256(path) for path in paths]
-    if len(digests) == 1:
-        return digests[0]
-    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    """What the --data files hold, whatever their paths, in their order (one file: its SHA-256): a
+    checkpoint is continued on the same samples."""
+    digests = []
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    joined = hashlib.sha256(" ".join(digests).encode()).hexdigest()
+    return digests[0] if len(digests) == 1 else joined
 
 
 def _check(row, i, image_folder, moved, open_image):
@@ -343,9 +338,8 @@ def collate(rows, pad_token_id):
 
 
 def loader_batches(loader):
-    """The loader's batches. A worker that dies (the host's OOM killer takes them first) is found
-    when its batch is due (the loader checks its workers while it waits), not by torch's SIGCHLD
-    handler, which would raise anywhere in the step; so the loop can stop at the last whole step."""
+    """The loader's batches. A worker that dies (the OOM killer takes them first) is found when its
+    batch is due, not by torch's SIGCHLD handler (anywhere in a step): the last whole step stays."""
     batches = iter(loader)
     if loader.num_workers:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -353,12 +347,10 @@ def loader_batches(loader):
 
 
 def epoch_order(ds, global_batch, batch, world, rank, seed, epoch, grouped=False):
-    """This process's sample indices of one epoch, in order, from the seed and the epoch alone (so a
-    resumed run sees what an uninterrupted one would): the epoch's floor(N / global_batch) optimizer
-    steps, every sample in at most one. Shuffled as DistributedSampler shuffles; grouped, as LLaVA's
-    group_by_modality_length: samples with an image and text-only ones apart, each optimizer step's
-    samples sorted by length, so a micro-batch (and the same micro-step on every process) pads
-    to lengths alike."""
+    """This process's sample indices of one epoch, in order, from the seed and the epoch alone (a
+    resumed run sees what an uninterrupted one would): floor(N / global_batch) optimizer steps, each
+    sample in at most one. Shuffled as DistributedSampler shuffles; grouped, as LLaVA's
+    group_by_modality_length: image and text-only samples apart, each step's sorted by length."""
     if not grouped:
         sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
@@ -398,8 +390,7 @@ def loader_workers(asked):
 def micro_batches(ds, order_of, per_step, steps_per_epoch, step, loader):
     """This process's micro-batches from optimizer step `step` on: order_of(epoch) is this
     process's indices of an epoch (epoch_order), per_step how many of them a step takes; loader
-    holds the DataLoader's other arguments (loader_options). The order depends only on the seed
-    and the epoch, so a resumed run sees what an uninterrupted one would have."""
+    holds the DataLoader's other arguments (loader_options)."""
     while True:
         epoch, skip = divmod(step, steps_per_epoch)
         order = order_of(epoch)[skip * per_step : steps_per_epoch * per_step]

@@ -150,14 +150,7 @@ def memory_plan(
         ("AdamW moments, float32", 8 * trained / shards, "held"),
     ]
     if teacher is not None:
-        t_hidden = teacher.config.text_config.hidden_size
-        frozen = numel(teacher) - numel(teacher.model.vision_tower)  # the tower is the student's
-        t_layers = teacher.model.language_model.layers
-        sharded = len(t_layers) * numel(t_layers[0]) if fsdp else 0  # FSDP2: the teacher's layers
-        held_teacher = size * (frozen - sharded + sharded / shards)
-        gram = 4 * (t_hidden**2 + D**2) if gamma else 0  # W^T W of both heads, for L_rel
-        rows.append((TEACHER_ROW, held_teacher, "held"))
-        rows.append(("W^T W of both heads", gram, "held"))
+        rows += teacher_rows(teacher, D, size, fsdp, shards, gamma)
     base = ("CUDA context, NCCL (estimate)", CUDA_RUNTIME) if cuda else ("Python", CPU_RUNTIME)
     rows.append((*base, "held"))
     # FSDP2: the root group whole through forward and backward, two layers gathered at a time
@@ -185,6 +178,18 @@ def memory_plan(
     temporaries = 0 if cuda and not fsdp else 4 * trained / shards if cuda else 8 * largest
     rows.append(("AdamW step temporaries", temporaries, "step"))
     return rows
+
+
+def teacher_rows(teacher, D, size, fsdp, shards, gamma):
+    """The frozen teacher (FSDP2: its decoder layers sharded; its embeddings and head whole, as the
+    tower, the student's) and both heads' W^T W, for L_rel."""
+    t_hidden = teacher.config.text_config.hidden_size
+    frozen = numel(teacher) - numel(teacher.model.vision_tower)
+    t_layers = teacher.model.language_model.layers
+    sharded = len(t_layers) * numel(t_layers[0]) if fsdp else 0
+    held = size * (frozen - sharded + sharded / shards)
+    gram = 4 * (t_hidden**2 + D**2) if gamma else 0
+    return [(TEACHER_ROW, held, "held"), ("W^T W of both heads", gram, "held")]
 
 
 def loss_bytes(student, teacher, tokens, cuda, fsdp, gamma):
