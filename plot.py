@@ -125,6 +125,8 @@ def draw_panel(d, x0, y0, key, parts, bounds, last_step):
 
 def plot(outs, path):
     """The picture of these stages' logs, written to path (PNG)."""
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise errors.UserError(f"plot --out {path}: no such folder; make it, or give another path")
     stages = read_logs(outs)
     curves = {key: series(stages, key) for key in PANELS}
     shown = [k for k in PANELS if curves[k]]

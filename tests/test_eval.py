@@ -168,6 +168,8 @@ def test_plot_draws_every_logged_quantity_of_stages_one_after_another(toy, ckpts
     assert os.path.getsize(png) > 10_000
     message = refused(["plot", str(tmp_path)])
     assert str(tmp_path) in message and "log.jsonl" in message
+    message = refused(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "no" / "c.png")])
+    assert "no such folder" in message
 
 
 def test_a_signal_during_an_evaluation_stops_after_the_next_step_and_the_run_goes_on(
